@@ -1,0 +1,6 @@
+namespace Connector.Benchmarks;
+
+internal static class Program
+{
+    public static int Main() => 0;
+}
