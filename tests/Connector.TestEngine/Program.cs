@@ -1,0 +1,6 @@
+namespace Connector.TestEngine;
+
+internal static class Program
+{
+    public static int Main() => 0;
+}
