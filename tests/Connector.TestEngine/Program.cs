@@ -1,6 +1,120 @@
+using System.Globalization;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+
 namespace Connector.TestEngine;
 
-internal static class Program
+/// <summary>
+/// A stand-in for a CPU engine process: owns KV regions in its own memory, grants the sidecar access
+/// (prctl PR_SET_PTRACER), prints them as one JSON line, then answers line commands on stdin:
+/// <c>fill SEED</c>, <c>zero</c>, <c>hash REGION OFFSET LENGTH</c> (lowercase hex SHA-256), <c>exit</c>.
+/// </summary>
+internal static unsafe partial class Program
 {
-    public static int Main() => 0;
+    private const int PrSetPtracer = 0x59616d61;
+    private const ulong PrSetPtracerAny = ulong.MaxValue;
+
+    public static int Main(string[] args)
+    {
+        int layers = Arg(args, "--layers", 2);
+        int blocks = Arg(args, "--blocks", 16);
+        int blockBytes = Arg(args, "--block-bytes", 4096);
+        long regionBytes = (long)blocks * blockBytes;
+        var regions = new byte*[layers];
+        for (int i = 0; i < layers; i++)
+        {
+            regions[i] = (byte*)NativeMemory.AlignedAlloc((nuint)regionBytes, 4096);
+            new Span<byte>(regions[i], checked((int)regionBytes)).Clear();
+        }
+
+        // Where Yama restricts ptrace, let any process of this user read us (the test's sidecar).
+        // Without Yama, prctl returns EINVAL and nothing is needed.
+        _ = prctl(PrSetPtracer, PrSetPtracerAny, 0, 0, 0);
+
+        var entries = new string[layers];
+        for (int i = 0; i < layers; i++)
+        {
+            entries[i] = string.Create(CultureInfo.InvariantCulture, $"{{\"address\":{(ulong)regions[i]},\"length\":{regionBytes}}}");
+        }
+
+        string list = string.Join(",", entries);
+        Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{{\"pid\":{Environment.ProcessId},\"regions\":[{list}]}}"));
+        Console.Out.Flush();
+
+        string? line;
+        while ((line = Console.In.ReadLine()) is not null)
+        {
+            string[] parts = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+            try
+            {
+                switch (parts.FirstOrDefault())
+                {
+                    case "fill":
+                        int seed = int.Parse(parts[1], CultureInfo.InvariantCulture);
+                        for (int r = 0; r < layers; r++)
+                        {
+                            Fill(new Span<byte>(regions[r], checked((int)regionBytes)), seed, r);
+                        }
+
+                        Console.Out.WriteLine("ok");
+                        break;
+                    case "zero":
+                        for (int r = 0; r < layers; r++)
+                        {
+                            new Span<byte>(regions[r], checked((int)regionBytes)).Clear();
+                        }
+
+                        Console.Out.WriteLine("ok");
+                        break;
+                    case "hash":
+                        int region = int.Parse(parts[1], CultureInfo.InvariantCulture);
+                        long offset = long.Parse(parts[2], CultureInfo.InvariantCulture);
+                        int length = int.Parse(parts[3], CultureInfo.InvariantCulture);
+                        if ((uint)region >= (uint)layers || offset < 0 || length < 0 || offset + length > regionBytes)
+                        {
+                            Console.Out.WriteLine("error out of range");
+                            break;
+                        }
+
+                        Console.Out.WriteLine(Convert.ToHexStringLower(SHA256.HashData(new ReadOnlySpan<byte>(regions[region] + offset, length))));
+                        break;
+                    case "exit":
+                        return 0;
+                    default:
+                        Console.Out.WriteLine("error unknown command");
+                        break;
+                }
+            }
+            catch (Exception ex) when (ex is FormatException or IndexOutOfRangeException or OverflowException)
+            {
+                Console.Out.WriteLine("error " + ex.Message);
+            }
+
+            Console.Out.Flush();
+        }
+
+        return 0;
+    }
+
+    /// <summary>Byte o of region r becomes a mix of seed, r and o: every block of every region differs.</summary>
+    private static void Fill(Span<byte> region, int seed, int r)
+    {
+        uint x = (uint)((seed * 0x9E3779B1) ^ (r * 0x85EBCA77));
+        for (int o = 0; o < region.Length; o += 4)
+        {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(region[o..], x + (uint)o);
+        }
+    }
+
+    private static int Arg(string[] args, string name, int fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? int.Parse(args[i + 1], CultureInfo.InvariantCulture) : fallback;
+    }
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int prctl(int option, ulong arg2, ulong arg3, ulong arg4, ulong arg5);
 }

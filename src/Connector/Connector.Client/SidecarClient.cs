@@ -1,0 +1,219 @@
+using System.Buffers;
+using System.Collections.Concurrent;
+using System.Net.Sockets;
+using Connector.Protocol;
+using Connector.Protocol.Framing;
+using Connector.Protocol.Messages;
+
+namespace Connector.Client;
+
+/// <summary>
+/// A client of the sidecar's Unix socket protocol: one connection, any number of requests in flight,
+/// replies matched by request id on a dedicated reader thread.
+/// </summary>
+/// <remarks>Thread-safe. Used by the tests, the benchmarks and the demo; engines use the Python shim.</remarks>
+public sealed class SidecarClient : IDisposable
+{
+    private readonly Socket _socket;
+    private readonly Lock _sendLock = new();
+    private readonly FrameWriter _frameWriter = new();
+    private readonly ArrayBufferWriter<byte> _sendBuffer = new(4096);
+    private readonly ConcurrentDictionary<ulong, TaskCompletionSource<Reply>> _pending = new();
+    private readonly Thread _readerThread;
+    private ulong _nextRequestId;
+    private volatile Exception? _failure;
+
+    private SidecarClient(Socket socket)
+    {
+        _socket = socket;
+        _readerThread = new Thread(ReadLoop) { IsBackground = true, Name = "kvsidecar-client-reader" };
+        _readerThread.Start();
+    }
+
+    /// <summary>The HELLO reply of the connection.</summary>
+    public HelloReply Server { get; private set; } = new();
+
+    /// <summary>Connects and sends HELLO.</summary>
+    /// <param name="socketPath">The sidecar's socket path.</param>
+    /// <param name="instanceId">The engine instance this client belongs to.</param>
+    /// <param name="role">"scheduler", "worker" or "client".</param>
+    /// <param name="rank">The tensor-parallel rank.</param>
+    public static SidecarClient Connect(string socketPath, string instanceId, string role = "client", int rank = 0)
+    {
+        var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            socket.Connect(new UnixDomainSocketEndPoint(socketPath));
+        }
+        catch
+        {
+            socket.Dispose();
+            throw;
+        }
+
+        var client = new SidecarClient(socket);
+        client.Server = client.Call<HelloReply>(Opcode.Hello, new HelloRequest
+        {
+            ProtocolVersion = FrameHeader.CurrentVersion,
+            EngineKind = "test",
+            EngineVersion = "1",
+            InstanceId = instanceId,
+            Role = role,
+            Rank = rank,
+            Capabilities = [],
+            Pid = Environment.ProcessId,
+        });
+        return client;
+    }
+
+    /// <summary>Sends a request and waits for its reply.</summary>
+    /// <exception cref="SidecarErrorException">The sidecar answered with an error frame.</exception>
+    public TReply Call<TReply>(Opcode opcode, object? request, TimeSpan? timeout = null)
+        => CallAsync<TReply>(opcode, request).WaitAsync(timeout ?? TimeSpan.FromSeconds(30)).GetAwaiter().GetResult();
+
+    /// <summary>Sends a request; the task completes with its reply.</summary>
+    public async Task<TReply> CallAsync<TReply>(Opcode opcode, object? request)
+    {
+        Reply reply = await SendAsync(opcode, request).ConfigureAwait(false);
+        if (reply.Error is not null)
+        {
+            throw new SidecarErrorException(reply.Error.Value.Code, reply.Error.Value.Message);
+        }
+
+        return reply.Body.IsEmpty && typeof(TReply) == typeof(PingMessage)
+            ? (TReply)(object)new PingMessage()
+            : ProtocolSerializer.Deserialize<TReply>(new ReadOnlySequence<byte>(reply.Body));
+    }
+
+    /// <summary>Sends raw bytes (for tests of malformed input).</summary>
+    public void SendRaw(ReadOnlySpan<byte> bytes)
+    {
+        lock (_sendLock)
+        {
+            _socket.Send(bytes);
+        }
+    }
+
+    /// <summary>Registers a reply slot for a request id sent with <see cref="SendRaw"/>.</summary>
+    public Task<Reply> Expect(ulong requestId)
+    {
+        var tcs = new TaskCompletionSource<Reply>(TaskCreationOptions.RunContinuationsAsynchronously);
+        _pending[requestId] = tcs;
+        return tcs.Task;
+    }
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (SocketException)
+        {
+            // Already gone.
+        }
+
+        _socket.Dispose();
+        _readerThread.Join(TimeSpan.FromSeconds(5));
+    }
+
+    private Task<Reply> SendAsync(Opcode opcode, object? request)
+    {
+        if (_failure is not null)
+        {
+            return Task.FromException<Reply>(new IOException("the connection to the sidecar is closed", _failure));
+        }
+
+        ulong id = Interlocked.Increment(ref _nextRequestId) + (1UL << 32);
+        var tcs = new TaskCompletionSource<Reply>(TaskCreationOptions.RunContinuationsAsynchronously);
+        _pending[id] = tcs;
+        lock (_sendLock)
+        {
+            _sendBuffer.ResetWrittenCount();
+            _frameWriter.WriteRequest(_sendBuffer, opcode, id, request);
+            _socket.Send(_sendBuffer.WrittenSpan);
+        }
+
+        return tcs.Task;
+    }
+
+    private void ReadLoop()
+    {
+        byte[] header = new byte[FrameHeader.Size];
+        try
+        {
+            while (true)
+            {
+                if (!ReadExactly(header))
+                {
+                    throw new IOException("the sidecar closed the connection");
+                }
+
+                if (FrameHeader.TryRead(header, out FrameHeader h) != OperationStatus.Done)
+                {
+                    throw new IOException("the sidecar sent a malformed frame header");
+                }
+
+                byte[] body = h.BodyLength == 0 ? [] : new byte[h.BodyLength];
+                if (!ReadExactly(body))
+                {
+                    throw new IOException("the sidecar closed the connection mid-frame");
+                }
+
+                (ErrorCode Code, string Message)? error = null;
+                if ((h.Flags & FrameFlags.Error) != 0)
+                {
+                    ErrorBody e = ProtocolSerializer.Deserialize<ErrorBody>(new ReadOnlySequence<byte>(body));
+                    error = ((ErrorCode)e.Code, e.Message ?? string.Empty);
+                }
+
+                if (_pending.TryRemove(h.RequestId, out TaskCompletionSource<Reply>? tcs))
+                {
+                    tcs.TrySetResult(new Reply(h, body, error));
+                }
+            }
+        }
+        catch (Exception ex) when (ex is IOException or SocketException or ObjectDisposedException or ProtocolException)
+        {
+            _failure = ex;
+            foreach (ulong id in _pending.Keys)
+            {
+                if (_pending.TryRemove(id, out TaskCompletionSource<Reply>? tcs))
+                {
+                    tcs.TrySetException(new IOException("the connection to the sidecar is closed", ex));
+                }
+            }
+        }
+    }
+
+    private bool ReadExactly(Span<byte> buffer)
+    {
+        while (!buffer.IsEmpty)
+        {
+            int n = _socket.Receive(buffer);
+            if (n == 0)
+            {
+                return false;
+            }
+
+            buffer = buffer[n..];
+        }
+
+        return true;
+    }
+
+    /// <summary>One reply frame.</summary>
+    public readonly record struct Reply(FrameHeader Header, ReadOnlyMemory<byte> Body, (ErrorCode Code, string Message)? Error);
+}
+
+/// <summary>An error frame from the sidecar.</summary>
+public sealed class SidecarErrorException : Exception
+{
+    /// <summary>Creates the exception.</summary>
+    public SidecarErrorException(ErrorCode code, string message)
+        : base($"{code}: {message}") => Code = code;
+
+    /// <summary>The error code of the frame.</summary>
+    public ErrorCode Code { get; }
+}

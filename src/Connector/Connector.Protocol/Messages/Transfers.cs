@@ -1,0 +1,204 @@
+using MessagePack;
+
+namespace Connector.Protocol.Messages;
+
+/// <summary>The state of a lookup answer.</summary>
+public enum LookupState
+{
+    /// <summary>The answer is final.</summary>
+    Ready = 0,
+
+    /// <summary>Lower tiers are being consulted; ask again.</summary>
+    Pending = 1,
+
+    /// <summary>No worker of the instance has registered: a miss.</summary>
+    NotRegistered = 2,
+}
+
+/// <summary>LOOKUP: how many leading tokens of a prompt are cached.</summary>
+[MessagePackObject]
+public sealed class LookupRequest
+{
+    /// <summary>The engine's request id (the lease is filed under it).</summary>
+    [Key(0)] public string? RequestId { get; set; }
+
+    /// <summary>The tenant salt, or nil.</summary>
+    [Key(1)] public string? CacheSalt { get; set; }
+
+    /// <summary>Token ids, u32le.</summary>
+    [Key(2)] public byte[]? Tokens { get; set; }
+
+    /// <summary>Whether to lease the hit chunks.</summary>
+    [Key(3)] public bool Lease { get; set; }
+}
+
+/// <summary>The reply to LOOKUP.</summary>
+[MessagePackObject]
+public sealed class LookupReply
+{
+    /// <summary>Leading tokens present (whole chunks).</summary>
+    [Key(0)] public int HitTokens { get; set; }
+
+    /// <summary>Leading chunks present for every rank.</summary>
+    [Key(1)] public int HitChunks { get; set; }
+
+    /// <summary>The lease id, 0 when nothing was leased.</summary>
+    [Key(2)] public ulong LeaseId { get; set; }
+
+    /// <summary>Whether the answer is final.</summary>
+    [Key(3)] public LookupState State { get; set; }
+}
+
+/// <summary>STORE: copy chunks out of engine blocks into the cache.</summary>
+[MessagePackObject]
+public sealed class StoreRequest
+{
+    /// <summary>The engine's request id.</summary>
+    [Key(0)] public string? RequestId { get; set; }
+
+    /// <summary>The tenant salt, or nil.</summary>
+    [Key(1)] public string? CacheSalt { get; set; }
+
+    /// <summary>Token ids from the request's first token, u32le; nil when <see cref="Keys"/> is given.</summary>
+    [Key(2)] public byte[]? Tokens { get; set; }
+
+    /// <summary>32-byte keys of exactly the named chunks; nil when <see cref="Tokens"/> is given.</summary>
+    [Key(3)] public byte[]? Keys { get; set; }
+
+    /// <summary>Index of the first chunk named.</summary>
+    [Key(4)] public int FirstChunk { get; set; }
+
+    /// <summary>Chunks named.</summary>
+    [Key(5)] public int NumChunks { get; set; }
+
+    /// <summary>Engine block ids, i32le, chunk by chunk.</summary>
+    [Key(6)] public byte[]? BlockIds { get; set; }
+}
+
+/// <summary>The reply to STORE.</summary>
+[MessagePackObject]
+public sealed class StoreReply
+{
+    /// <summary>Chunks copied into the cache.</summary>
+    [Key(0)] public int Stored { get; set; }
+
+    /// <summary>Chunks skipped because they were already cached.</summary>
+    [Key(1)] public int AlreadyPresent { get; set; }
+
+    /// <summary>Chunks not stored for lack of space.</summary>
+    [Key(2)] public int Failed { get; set; }
+}
+
+/// <summary>LOAD: copy chunks from the cache into engine blocks.</summary>
+[MessagePackObject]
+public sealed class LoadRequest
+{
+    /// <summary>The engine's request id; this rank's share of its lease ends after the load.</summary>
+    [Key(0)] public string? RequestId { get; set; }
+
+    /// <summary>The tenant salt, or nil.</summary>
+    [Key(1)] public string? CacheSalt { get; set; }
+
+    /// <summary>Token ids from the request's first token, u32le; nil when <see cref="Keys"/> is given.</summary>
+    [Key(2)] public byte[]? Tokens { get; set; }
+
+    /// <summary>32-byte keys of exactly the named chunks; nil when <see cref="Tokens"/> is given.</summary>
+    [Key(3)] public byte[]? Keys { get; set; }
+
+    /// <summary>Index of the first chunk named.</summary>
+    [Key(4)] public int FirstChunk { get; set; }
+
+    /// <summary>Chunks named.</summary>
+    [Key(5)] public int NumChunks { get; set; }
+
+    /// <summary>Engine block ids, i32le, chunk by chunk; -1 skips a block.</summary>
+    [Key(6)] public byte[]? BlockIds { get; set; }
+
+    /// <summary>The lease from LOOKUP, or 0.</summary>
+    [Key(7)] public ulong LeaseId { get; set; }
+}
+
+/// <summary>The reply to LOAD.</summary>
+[MessagePackObject]
+public sealed class LoadReply
+{
+    /// <summary>Leading named chunks now in the engine's blocks.</summary>
+    [Key(0)] public int LoadedChunks { get; set; }
+}
+
+/// <summary>RELEASE: end a lease.</summary>
+[MessagePackObject]
+public sealed class ReleaseRequest
+{
+    /// <summary>The lease id, or 0 to release every lease of <see cref="RequestId"/>.</summary>
+    [Key(0)] public ulong LeaseId { get; set; }
+
+    /// <summary>The request whose leases end when <see cref="LeaseId"/> is 0.</summary>
+    [Key(1)] public string? RequestId { get; set; }
+}
+
+/// <summary>The reply to RELEASE.</summary>
+[MessagePackObject]
+public sealed class ReleaseReply
+{
+    /// <summary>Chunk leases ended.</summary>
+    [Key(0)] public int ReleasedChunks { get; set; }
+}
+
+/// <summary>The reply to CLEAR.</summary>
+[MessagePackObject]
+public sealed class ClearReply
+{
+    /// <summary>Chunks removed.</summary>
+    [Key(0)] public int RemovedChunks { get; set; }
+}
+
+/// <summary>The reply to STATS.</summary>
+[MessagePackObject]
+public sealed class StatsReply
+{
+    /// <summary>L1 capacity in bytes.</summary>
+    [Key(0)] public ulong CapacityBytes { get; set; }
+
+    /// <summary>Bytes in stored chunks.</summary>
+    [Key(1)] public ulong UsedBytes { get; set; }
+
+    /// <summary>Chunks stored.</summary>
+    [Key(2)] public ulong Chunks { get; set; }
+
+    /// <summary>Chunks found by lookups.</summary>
+    [Key(3)] public ulong Hits { get; set; }
+
+    /// <summary>Lookups stopped by a missing chunk.</summary>
+    [Key(4)] public ulong Misses { get; set; }
+
+    /// <summary>Chunks evicted.</summary>
+    [Key(5)] public ulong Evictions { get; set; }
+
+    /// <summary>Chunks stored since start.</summary>
+    [Key(6)] public ulong StoredChunks { get; set; }
+
+    /// <summary>Chunks loaded since start.</summary>
+    [Key(7)] public ulong LoadedChunks { get; set; }
+
+    /// <summary>Bytes stored since start.</summary>
+    [Key(8)] public ulong StoredBytes { get; set; }
+
+    /// <summary>Bytes loaded since start.</summary>
+    [Key(9)] public ulong LoadedBytes { get; set; }
+
+    /// <summary>Leases held now.</summary>
+    [Key(10)] public ulong ActiveLeases { get; set; }
+
+    /// <summary>Requests answered with an error, and streams closed as unparsable.</summary>
+    [Key(11)] public ulong ProtocolErrors { get; set; }
+
+    /// <summary>Copies that failed (engine memory gone or refused).</summary>
+    [Key(12)] public ulong CopyErrors { get; set; }
+
+    /// <summary>Connections open now.</summary>
+    [Key(13)] public ulong Connections { get; set; }
+
+    /// <summary>Registrations live now.</summary>
+    [Key(14)] public ulong Registrations { get; set; }
+}

@@ -1,0 +1,40 @@
+using Microsoft.Extensions.Logging;
+
+namespace Connector.Sidecar.Server;
+
+/// <summary>Log messages of the socket server and its connections.</summary>
+internal static partial class SidecarLog
+{
+    [LoggerMessage(EventId = 1, EventName = "Listening", Level = LogLevel.Information, Message = "kvsidecar listening on {SocketPath} (mode {Mode}), L1 capacity {CapacityBytes} bytes")]
+    public static partial void Listening(ILogger logger, string socketPath, string mode, long capacityBytes);
+
+    [LoggerMessage(EventId = 2, EventName = "ConnectionOpened", Level = LogLevel.Debug, Message = "Connection {SessionId} opened")]
+    public static partial void ConnectionOpened(ILogger logger, long sessionId);
+
+    [LoggerMessage(EventId = 3, EventName = "ConnectionClosed", Level = LogLevel.Information, Message = "Connection {SessionId} ({Role} of {InstanceId}, rank {Rank}) closed")]
+    public static partial void ConnectionClosed(ILogger logger, long sessionId, string role, string instanceId, int rank);
+
+    [LoggerMessage(EventId = 4, EventName = "ProtocolError", Level = LogLevel.Warning, Message = "Connection {SessionId}: {Code} on request {RequestId}: {Detail}")]
+    public static partial void ProtocolError(ILogger logger, long sessionId, string code, ulong requestId, string detail);
+
+    [LoggerMessage(EventId = 5, EventName = "StreamUnusable", Level = LogLevel.Warning, Message = "Connection {SessionId}: closing, the byte stream cannot be parsed ({Code})")]
+    public static partial void StreamUnusable(ILogger logger, long sessionId, string code);
+
+    [LoggerMessage(EventId = 6, EventName = "HandlerFailed", Level = LogLevel.Error, Message = "Connection {SessionId}: request {RequestId} ({Opcode}) failed")]
+    public static partial void HandlerFailed(ILogger logger, Exception exception, long sessionId, ulong requestId, string opcode);
+
+    [LoggerMessage(EventId = 7, EventName = "Registered", Level = LogLevel.Information, Message = "Connection {SessionId}: {InstanceId} rank {Rank} registered {Layers} layers of {ModelId}, chunk {ChunkBytes} bytes, layout {Fingerprint}")]
+    public static partial void Registered(ILogger logger, long sessionId, string instanceId, int rank, int layers, string modelId, long chunkBytes, string fingerprint);
+
+    [LoggerMessage(EventId = 8, EventName = "TooManyConnections", Level = LogLevel.Warning, Message = "Refused a connection: {Max} connections already open")]
+    public static partial void TooManyConnections(ILogger logger, int max);
+
+    [LoggerMessage(EventId = 9, EventName = "Draining", Level = LogLevel.Information, Message = "Stopping: waiting for {InFlight} in-flight copies")]
+    public static partial void Draining(ILogger logger, int inFlight);
+
+    [LoggerMessage(EventId = 10, EventName = "StaleSocket", Level = LogLevel.Information, Message = "Removed a stale socket file at {SocketPath}")]
+    public static partial void StaleSocket(ILogger logger, string socketPath);
+
+    [LoggerMessage(EventId = 11, EventName = "AcceptFailed", Level = LogLevel.Error, Message = "Accepting a connection failed")]
+    public static partial void AcceptFailed(ILogger logger, Exception exception);
+}
