@@ -1,0 +1,51 @@
+using System.Buffers;
+using Connector.Protocol.Framing;
+using Connector.Protocol.Messages;
+
+namespace Connector.Protocol.Tests;
+
+/// <summary>One frame of every message type with non-trivial field values.</summary>
+internal static class SampleFrames
+{
+    public static IEnumerable<(string Name, Opcode Opcode, FrameFlags Flags, ulong RequestId, object? Message)> All()
+    {
+        yield return ("hello", Opcode.Hello, FrameFlags.None, 1, new HelloRequest { ProtocolVersion = 1, EngineKind = "vllm", EngineVersion = "0.29.0", InstanceId = "engine-7f3a", Role = "worker", Rank = 1, Capabilities = ["host-memory"], Pid = 4242 });
+        yield return ("hello_reply", Opcode.Hello, FrameFlags.Reply, 1, new HelloReply { ProtocolVersion = 1, ServerVersion = "1.0.0", Capabilities = ["host-memory"], MaxFrameBytes = 64 << 20, SessionId = 9, ServerPid = 77 });
+        yield return ("ping", Opcode.Ping, FrameFlags.None, 2, new PingMessage { Nonce = 0xDEADBEEF });
+        yield return ("ping_empty", Opcode.Ping, FrameFlags.None, 3, null);
+        yield return ("register", Opcode.Register, FrameFlags.None, 4, new RegisterRequest
+        {
+            Namespace = new NamespaceDescriptor { ModelId = "meta-llama/Meta-Llama-3-8B", KvDtype = "bfloat16", BlockTokens = 16, ChunkTokens = 256, TpSize = 2, TpRank = 1, KvGroup = 0, FormatVersion = 1 },
+            Layers =
+            [
+                new LayerDescriptor
+                {
+                    Name = "model.layers.0.self_attn.attn",
+                    Memory = new MemoryRefDescriptor { Kind = 1, Pid = 4242, Address = 0x7f0000001000, Length = 1 << 30 },
+                    Layout = new LayoutDescriptor { ElementSize = 2, NumBlocks = 2048, BlockTokens = 16, NumHeads = 8, RowBytes = 256, StrideBlock = 65536, StrideToken = 2048, StrideHead = 256, KOffset = 0, VOffset = 32768 },
+                },
+            ],
+        });
+        yield return ("register_reply", Opcode.Register, FrameFlags.Reply, 4, new RegisterReply { RegistrationId = 3, LayoutFingerprint = "0123456789abcdef0123456789abcdef", ChunkBytes = 33554432, BlocksPerChunk = 16 });
+        yield return ("lookup", Opcode.Lookup, FrameFlags.None, 5, new LookupRequest { RequestId = "cmpl-1", CacheSalt = "tenant-a", Tokens = WireArrays.FromTokens([1, 2, 3, 128000, uint.MaxValue]), Lease = true });
+        yield return ("lookup_reply", Opcode.Lookup, FrameFlags.Reply, 5, new LookupReply { HitTokens = 512, HitChunks = 2, LeaseId = 17, State = LookupState.Ready });
+        yield return ("store", Opcode.Store, FrameFlags.None, 6, new StoreRequest { RequestId = "cmpl-1", CacheSalt = null, Tokens = WireArrays.FromTokens([5, 6, 7, 8]), Keys = null, FirstChunk = 1, NumChunks = 1, BlockIds = WireArrays.FromBlockIds([10, 11, 12, 13]) });
+        yield return ("store_reply", Opcode.Store, FrameFlags.Reply, 6, new StoreReply { Stored = 1, AlreadyPresent = 0, Failed = 0 });
+        yield return ("load", Opcode.Load, FrameFlags.None, 7, new LoadRequest { RequestId = "cmpl-1", CacheSalt = "tenant-a", Tokens = null, Keys = new byte[32], FirstChunk = 0, NumChunks = 1, BlockIds = WireArrays.FromBlockIds([-1, -1, 4, 5]), LeaseId = 17 });
+        yield return ("load_reply", Opcode.Load, FrameFlags.Reply, 7, new LoadReply { LoadedChunks = 1 });
+        yield return ("release", Opcode.Release, FrameFlags.None, 8, new ReleaseRequest { LeaseId = 0, RequestId = "cmpl-1" });
+        yield return ("release_reply", Opcode.Release, FrameFlags.Reply, 8, new ReleaseReply { ReleasedChunks = 2 });
+        yield return ("clear", Opcode.Clear, FrameFlags.None, 9, null);
+        yield return ("clear_reply", Opcode.Clear, FrameFlags.Reply, 9, new ClearReply { RemovedChunks = 3 });
+        yield return ("stats", Opcode.Stats, FrameFlags.None, 10, null);
+        yield return ("stats_reply", Opcode.Stats, FrameFlags.Reply, 10, new StatsReply { CapacityBytes = 1UL << 32, UsedBytes = 1 << 25, Chunks = 1, Hits = 2, Misses = 3, Evictions = 4, StoredChunks = 5, LoadedChunks = 6, StoredBytes = 7, LoadedBytes = 8, ActiveLeases = 9, ProtocolErrors = 10, CopyErrors = 11, Connections = 12, Registrations = 13 });
+        yield return ("error", Opcode.Load, FrameFlags.Reply | FrameFlags.Error, 11, new ErrorBody { Code = (int)ErrorCode.OutOfRange, Message = "block id 4096 is outside [0, 2048)" });
+    }
+
+    public static byte[] Encode(Opcode opcode, FrameFlags flags, ulong requestId, object? message)
+    {
+        var buffer = new ArrayBufferWriter<byte>();
+        new FrameWriter().Write(buffer, opcode, flags, requestId, message);
+        return buffer.WrittenSpan.ToArray();
+    }
+}
