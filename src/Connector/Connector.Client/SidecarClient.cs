@@ -19,15 +19,19 @@ public sealed class SidecarClient : IDisposable
     private readonly FrameWriter _frameWriter = new();
     private readonly ArrayBufferWriter<byte> _sendBuffer = new(4096);
     private readonly ConcurrentDictionary<ulong, TaskCompletionSource<Reply>> _pending = new();
-    private readonly Thread _readerThread;
+    private readonly Thread? _readerThread;
+    private readonly byte[] _header = new byte[FrameHeader.Size];
     private ulong _nextRequestId;
     private volatile Exception? _failure;
 
-    private SidecarClient(Socket socket)
+    private SidecarClient(Socket socket, bool multiplexed)
     {
         _socket = socket;
-        _readerThread = new Thread(ReadLoop) { IsBackground = true, Name = "kvsidecar-client-reader" };
-        _readerThread.Start();
+        if (multiplexed)
+        {
+            _readerThread = new Thread(ReadLoop) { IsBackground = true, Name = "kvsidecar-client-reader" };
+            _readerThread.Start();
+        }
     }
 
     /// <summary>The HELLO reply of the connection.</summary>
@@ -38,7 +42,9 @@ public sealed class SidecarClient : IDisposable
     /// <param name="instanceId">The engine instance this client belongs to.</param>
     /// <param name="role">"scheduler", "worker" or "client".</param>
     /// <param name="rank">The tensor-parallel rank.</param>
-    public static SidecarClient Connect(string socketPath, string instanceId, string role = "client", int rank = 0)
+    /// <param name="multiplexed">True: a reader thread matches replies, any number of calls may be in flight.
+    /// False: each <see cref="Call{TReply}"/> sends and then reads its reply on the calling thread (the lowest latency; one call at a time).</param>
+    public static SidecarClient Connect(string socketPath, string instanceId, string role = "client", int rank = 0, bool multiplexed = true)
     {
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
@@ -51,7 +57,7 @@ public sealed class SidecarClient : IDisposable
             throw;
         }
 
-        var client = new SidecarClient(socket);
+        var client = new SidecarClient(socket, multiplexed);
         client.Server = client.Call<HelloReply>(Opcode.Hello, new HelloRequest
         {
             ProtocolVersion = FrameHeader.CurrentVersion,
@@ -69,12 +75,50 @@ public sealed class SidecarClient : IDisposable
     /// <summary>Sends a request and waits for its reply.</summary>
     /// <exception cref="SidecarErrorException">The sidecar answered with an error frame.</exception>
     public TReply Call<TReply>(Opcode opcode, object? request, TimeSpan? timeout = null)
-        => CallAsync<TReply>(opcode, request).WaitAsync(timeout ?? TimeSpan.FromSeconds(30)).GetAwaiter().GetResult();
-
-    /// <summary>Sends a request; the task completes with its reply.</summary>
-    public async Task<TReply> CallAsync<TReply>(Opcode opcode, object? request)
     {
-        Reply reply = await SendAsync(opcode, request).ConfigureAwait(false);
+        if (_readerThread is not null)
+        {
+            return CallAsync<TReply>(opcode, request).WaitAsync(timeout ?? TimeSpan.FromSeconds(30)).GetAwaiter().GetResult();
+        }
+
+        lock (_sendLock)
+        {
+            ulong id = ++_nextRequestId;
+            _sendBuffer.ResetWrittenCount();
+            _frameWriter.WriteRequest(_sendBuffer, opcode, id, request);
+            _socket.Send(_sendBuffer.WrittenSpan);
+            while (true)
+            {
+                if (!ReadExactly(_header) || FrameHeader.TryRead(_header, out FrameHeader h) != OperationStatus.Done)
+                {
+                    throw new IOException("the sidecar closed the connection or sent a malformed header");
+                }
+
+                byte[] body = h.BodyLength == 0 ? [] : new byte[h.BodyLength];
+                if (!ReadExactly(body))
+                {
+                    throw new IOException("the sidecar closed the connection mid-frame");
+                }
+
+                if (h.RequestId != id)
+                {
+                    continue;
+                }
+
+                var reply = new Reply(h, body, (h.Flags & FrameFlags.Error) != 0 ? DecodeError(body) : null);
+                return Decode<TReply>(reply);
+            }
+        }
+    }
+
+    private static (ErrorCode Code, string Message) DecodeError(byte[] body)
+    {
+        ErrorBody e = ProtocolSerializer.Deserialize<ErrorBody>(new ReadOnlySequence<byte>(body));
+        return ((ErrorCode)e.Code, e.Message ?? string.Empty);
+    }
+
+    private static TReply Decode<TReply>(Reply reply)
+    {
         if (reply.Error is not null)
         {
             throw new SidecarErrorException(reply.Error.Value.Code, reply.Error.Value.Message);
@@ -83,6 +127,13 @@ public sealed class SidecarClient : IDisposable
         return reply.Body.IsEmpty && typeof(TReply) == typeof(PingMessage)
             ? (TReply)(object)new PingMessage()
             : ProtocolSerializer.Deserialize<TReply>(new ReadOnlySequence<byte>(reply.Body));
+    }
+
+    /// <summary>Sends a request; the task completes with its reply.</summary>
+    public async Task<TReply> CallAsync<TReply>(Opcode opcode, object? request)
+    {
+        Reply reply = await SendAsync(opcode, request).ConfigureAwait(false);
+        return Decode<TReply>(reply);
     }
 
     /// <summary>Sends raw bytes (for tests of malformed input).</summary>
@@ -115,11 +166,16 @@ public sealed class SidecarClient : IDisposable
         }
 
         _socket.Dispose();
-        _readerThread.Join(TimeSpan.FromSeconds(5));
+        _readerThread?.Join(TimeSpan.FromSeconds(5));
     }
 
     private Task<Reply> SendAsync(Opcode opcode, object? request)
     {
+        if (_readerThread is null)
+        {
+            throw new InvalidOperationException("this client was connected with multiplexed: false; use Call");
+        }
+
         if (_failure is not null)
         {
             return Task.FromException<Reply>(new IOException("the connection to the sidecar is closed", _failure));
@@ -161,12 +217,7 @@ public sealed class SidecarClient : IDisposable
                     throw new IOException("the sidecar closed the connection mid-frame");
                 }
 
-                (ErrorCode Code, string Message)? error = null;
-                if ((h.Flags & FrameFlags.Error) != 0)
-                {
-                    ErrorBody e = ProtocolSerializer.Deserialize<ErrorBody>(new ReadOnlySequence<byte>(body));
-                    error = ((ErrorCode)e.Code, e.Message ?? string.Empty);
-                }
+                (ErrorCode Code, string Message)? error = (h.Flags & FrameFlags.Error) != 0 ? DecodeError(body) : null;
 
                 if (_pending.TryRemove(h.RequestId, out TaskCompletionSource<Reply>? tcs))
                 {

@@ -24,7 +24,7 @@ internal static class LookupLatencyBenchmark
         {
             engine.Command("fill 1");
             using var worker = SidecarClient.Connect(sidecar.SocketPath, "bench", "worker");
-            using var scheduler = SidecarClient.Connect(sidecar.SocketPath, "bench", "scheduler");
+            using var scheduler = SidecarClient.Connect(sidecar.SocketPath, "bench", "scheduler", multiplexed: false);
             worker.Call<RegisterReply>(Opcode.Register, TestPool.Register(engine));
             uint[] tokens = TestPool.Tokens(16 * TestPool.ChunkTokens, 1);
             worker.Call<StoreReply>(Opcode.Store, TestPool.Store(tokens, 0, 16, Enumerable.Range(0, 64).ToArray()));

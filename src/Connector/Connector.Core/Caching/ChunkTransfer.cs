@@ -5,28 +5,30 @@ using Connector.Core.Memory;
 namespace Connector.Core.Caching;
 
 /// <summary>
-/// The validated plan of one store or load: the keys of the named chunks and, per chunk, the copy
-/// list between the engine's blocks and an L1 slab. Buffers are pooled: one rental per request,
-/// none per chunk.
+/// The validated plan of one store or load: the keys of the named chunks and their engine block ids.
+/// Buffers are pooled: one rental per request, none per chunk. <see cref="BuildOps"/> is thread-safe,
+/// so chunks can be copied by several threads.
 /// </summary>
-internal ref struct ChunkTransfer
+internal sealed class ChunkTransfer : IDisposable
 {
     private readonly EngineRegistration _registration;
-    private readonly ReadOnlySpan<int> _blockIds;
     private readonly int _firstChunk;
     private readonly bool _allowSkippedBlocks;
     private ChunkKey[]? _keys;
-    private CopyOp[]? _ops;
+    private int[]? _blockIds;
 
-    private ChunkTransfer(EngineRegistration registration, ReadOnlySpan<int> blockIds, int firstChunk, bool allowSkippedBlocks, ChunkKey[] keys, CopyOp[] ops)
+    private ChunkTransfer(EngineRegistration registration, int firstChunk, int numChunks, bool allowSkippedBlocks, ChunkKey[] keys, int[] blockIds)
     {
         _registration = registration;
-        _blockIds = blockIds;
         _firstChunk = firstChunk;
+        NumChunks = numChunks;
         _allowSkippedBlocks = allowSkippedBlocks;
         _keys = keys;
-        _ops = ops;
+        _blockIds = blockIds;
     }
+
+    /// <summary>Chunks named by the request.</summary>
+    public int NumChunks { get; }
 
     /// <summary>Validates a request and computes its keys.</summary>
     /// <exception cref="CacheException">A count, the tokens, the keys or the block ids do not match.</exception>
@@ -61,7 +63,7 @@ internal ref struct ChunkTransfer
                 throw new CacheException(CacheError.BadRequest, $"{source.Keys.Length} key bytes for {numChunks} chunks of {ChunkKey.Size}-byte keys.");
             }
 
-            // Keys given by the caller: slot i of the array is chunk firstChunk+i; the parent of the first is unknown.
+            // Keys given by the caller: slot firstChunk+i is chunk i; the parent of the first is unknown.
             keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(totalChunks, 1));
             keys.AsSpan(0, firstChunk).Clear();
             for (int i = 0; i < numChunks; i++)
@@ -70,23 +72,36 @@ internal ref struct ChunkTransfer
             }
         }
 
-        CopyOp[] ops = ArrayPool<CopyOp>.Shared.Rent(registration.Geometry.MaxCopyOpsPerChunk);
-        return new ChunkTransfer(registration, blockIds, firstChunk, allowSkippedBlocks, keys, ops);
+        int[] ids = ArrayPool<int>.Shared.Rent(Math.Max(blockIds.Length, 1));
+        blockIds.CopyTo(ids);
+        return new ChunkTransfer(registration, firstChunk, numChunks, allowSkippedBlocks, keys, ids);
     }
 
     /// <summary>The key of the i-th named chunk.</summary>
-    public readonly ChunkKey Key(int i) => _keys![_firstChunk + i];
+    public ChunkKey Key(int i) => _keys![_firstChunk + i];
 
-    /// <summary>The key of the chunk before the i-th named chunk, or <see cref="ChunkKey.None"/> for the first chunk of a sequence.</summary>
-    public readonly ChunkKey Parent(int i) => _firstChunk + i == 0 ? ChunkKey.None : _keys![_firstChunk + i - 1];
+    /// <summary>The key of the chunk before the i-th named chunk, or <see cref="ChunkKey.None"/> when unknown or first.</summary>
+    public ChunkKey Parent(int i) => _firstChunk + i == 0 ? ChunkKey.None : _keys![_firstChunk + i - 1];
 
-    /// <summary>The copy list of the i-th named chunk against an L1 slab.</summary>
+    /// <summary>Writes the copy list of the i-th named chunk against an L1 slab.</summary>
     /// <exception cref="EngineMemoryException">A block id is out of range.</exception>
-    public readonly ReadOnlySpan<CopyOp> CopyOps(int i, nint slab)
+    public int BuildOps(int i, nint slab, Span<CopyOp> ops)
     {
         int bpc = _registration.BlocksPerChunk;
-        int count = _registration.Geometry.BuildCopyOps(_blockIds.Slice(i * bpc, bpc), slab, _ops, _allowSkippedBlocks);
-        return _ops.AsSpan(0, count);
+        return _registration.Geometry.BuildCopyOps(_blockIds.AsSpan(i * bpc, bpc), slab, ops, _allowSkippedBlocks);
+    }
+
+    /// <summary>Checks every block id before any slab is reserved, so a bad request changes nothing.</summary>
+    public void ValidateBlockIds()
+    {
+        int limit = _registration.Geometry.NumBlocks;
+        foreach (int id in _blockIds.AsSpan(0, NumChunks * _registration.BlocksPerChunk))
+        {
+            if ((uint)id >= (uint)limit && !(_allowSkippedBlocks && id == -1))
+            {
+                throw new CacheException(CacheError.OutOfRange, $"block id {id} is outside [0, {limit})");
+            }
+        }
     }
 
     /// <summary>Returns the pooled buffers.</summary>
@@ -98,10 +113,10 @@ internal ref struct ChunkTransfer
             _keys = null;
         }
 
-        if (_ops is not null)
+        if (_blockIds is not null)
         {
-            ArrayPool<CopyOp>.Shared.Return(_ops);
-            _ops = null;
+            ArrayPool<int>.Shared.Return(_blockIds);
+            _blockIds = null;
         }
     }
 }

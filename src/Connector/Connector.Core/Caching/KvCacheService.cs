@@ -205,55 +205,67 @@ public sealed class KvCacheService : IDisposable
     private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds)
     {
         using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: false);
-        int stored = 0, present = 0, failed = 0;
+        transfer.ValidateBlockIds();
         long chunkBytes = registration.Geometry.ChunkBytes;
+        int[] indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
+        nint[] addresses = ArrayPool<nint>.Shared.Rent(Math.Max(numChunks, 1));
+        SlabRef[] slabs = ArrayPool<SlabRef>.Shared.Rent(Math.Max(numChunks, 1));
+        int reserved = 0, present = 0, failed = 0;
+        bool committed = false;
         try
         {
-        for (int i = 0; i < numChunks; i++)
-        {
-            ChunkKey key = transfer.Key(i);
-            ChunkKey parent = transfer.Parent(i);
-            StoreBegin begin = _tier.TryBeginStore(key, parent, chunkBytes, out SlabRef slab);
-            if (begin is StoreBegin.AlreadyPresent or StoreBegin.InProgress)
+            // Reserve in prefix order; later chunks are useless without an earlier one (the prefix invariant).
+            for (int i = 0; i < numChunks; i++)
             {
-                present++;
-                continue;
+                StoreBegin begin = _tier.TryBeginStore(transfer.Key(i), transfer.Parent(i), chunkBytes, out SlabRef slab);
+                if (begin is StoreBegin.AlreadyPresent or StoreBegin.InProgress)
+                {
+                    present++;
+                    continue;
+                }
+
+                if (begin == StoreBegin.NoSpace)
+                {
+                    failed = numChunks - i;
+                    break;
+                }
+
+                indices[reserved] = i;
+                addresses[reserved] = slab.Address;
+                slabs[reserved++] = slab;
             }
 
-            if (begin == StoreBegin.NoSpace)
+            ParallelCopier.Run(transfer, indices, addresses, reserved, registration.Memory, toEngine: false, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk);
+            for (int k = 0; k < reserved; k++)
             {
-                // Later chunks are useless without this one (the prefix invariant): stop here.
-                failed = numChunks - i;
-                break;
+                _tier.CommitStore(slabs[k]);
             }
 
-            try
-            {
-                registration.Memory.Read(transfer.CopyOps(i, slab.Address));
-                _tier.CommitStore(slab);
-                stored++;
-            }
-            catch (EngineMemoryException ex)
-            {
-                _tier.AbortStore(slab);
-                Interlocked.Increment(ref _copyErrors);
-                throw Translate(ex);
-            }
-            catch
-            {
-                _tier.AbortStore(slab);
-                throw;
-            }
+            committed = true;
+            Interlocked.Add(ref _storedChunks, reserved);
+            Interlocked.Add(ref _storedBytes, reserved * chunkBytes);
+            return new StoreResult(reserved, present, failed);
         }
-
+        catch (EngineMemoryException ex)
+        {
+            Interlocked.Increment(ref _copyErrors);
+            throw Translate(ex);
         }
         finally
         {
-            Interlocked.Add(ref _storedChunks, stored);
-            Interlocked.Add(ref _storedBytes, stored * chunkBytes);
-        }
+            if (!committed)
+            {
+                // Nothing half-copied ever becomes visible.
+                for (int k = 0; k < reserved; k++)
+                {
+                    _tier.AbortStore(slabs[k]);
+                }
+            }
 
-        return new StoreResult(stored, present, failed);
+            ArrayPool<int>.Shared.Return(indices);
+            ArrayPool<nint>.Shared.Return(addresses);
+            ArrayPool<SlabRef>.Shared.Return(slabs);
+        }
     }
 
     /// <summary>Copies chunks from the host tier into the engine's blocks, stopping at the first chunk not present.</summary>
@@ -269,41 +281,51 @@ public sealed class KvCacheService : IDisposable
     {
         ArgumentNullException.ThrowIfNull(registration);
         Acquire(registration);
-        int loaded = 0;
+        int pinned = 0;
+        int[]? indices = null;
+        nint[]? addresses = null;
+        SlabRef[]? slabs = null;
         try
         {
             using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: true);
-            for (; loaded < numChunks; loaded++)
+            transfer.ValidateBlockIds();
+            indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
+            addresses = ArrayPool<nint>.Shared.Rent(Math.Max(numChunks, 1));
+            slabs = ArrayPool<SlabRef>.Shared.Rent(Math.Max(numChunks, 1));
+            for (; pinned < numChunks && _tier.TryPinForRead(transfer.Key(pinned), out SlabRef slab); pinned++)
             {
-                if (!_tier.TryPinForRead(transfer.Key(loaded), out SlabRef slab))
-                {
-                    break;
-                }
-
-                try
-                {
-                    registration.Memory.Write(transfer.CopyOps(loaded, slab.Address));
-                }
-                catch (EngineMemoryException ex)
-                {
-                    Interlocked.Increment(ref _copyErrors);
-                    throw Translate(ex);
-                }
-                finally
-                {
-                    _tier.Unpin(slab);
-                }
+                indices[pinned] = pinned;
+                addresses[pinned] = slab.Address;
+                slabs[pinned] = slab;
             }
+
+            ParallelCopier.Run(transfer, indices, addresses, pinned, registration.Memory, toEngine: true, registration.Geometry.ChunkBytes, registration.Geometry.MaxCopyOpsPerChunk);
+            Interlocked.Add(ref _loadedChunks, pinned);
+            Interlocked.Add(ref _loadedBytes, pinned * registration.Geometry.ChunkBytes);
+            return pinned;
+        }
+        catch (EngineMemoryException ex)
+        {
+            Interlocked.Increment(ref _copyErrors);
+            throw Translate(ex);
         }
         finally
         {
+            for (int k = 0; k < pinned; k++)
+            {
+                _tier.Unpin(slabs![k]);
+            }
+
+            if (indices is not null)
+            {
+                ArrayPool<int>.Shared.Return(indices);
+                ArrayPool<nint>.Shared.Return(addresses!);
+                ArrayPool<SlabRef>.Shared.Return(slabs!);
+            }
+
             registration.ReleaseRef();
             _leases.ReleaseRank(registration.InstanceId, requestId, registration.BaseNamespace);
-            Interlocked.Add(ref _loadedChunks, loaded);
-            Interlocked.Add(ref _loadedBytes, loaded * registration.Geometry.ChunkBytes);
         }
-
-        return loaded;
     }
 
     /// <summary>Releases every lease of a request of an instance.</summary>

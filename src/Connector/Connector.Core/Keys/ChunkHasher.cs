@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 
@@ -10,8 +9,10 @@ namespace Connector.Core.Keys;
 /// </summary>
 public static class ChunkHasher
 {
-    /// <summary>Chunks up to this many bytes of input hash from a stack buffer: 2048 tokens.</summary>
-    private const int MaxStackallocBytes = ChunkKey.Size + (2048 * sizeof(uint));
+    // One reusable SHA-256 context per thread: a one-shot HashData sets up and tears down a context per
+    // chunk, which costs as much as hashing the chunk's 1 KiB.
+    [ThreadStatic]
+    private static IncrementalHash? t_sha256;
 
     static ChunkHasher()
     {
@@ -51,30 +52,15 @@ public static class ChunkHasher
             return 0;
         }
 
-        int inputBytes = ChunkKey.Size + chunkBytes;
-        byte[]? rented = null;
-        Span<byte> input = inputBytes <= MaxStackallocBytes
-            ? stackalloc byte[MaxStackallocBytes]
-            : (rented = ArrayPool<byte>.Shared.Rent(inputBytes));
-        input = input[..inputBytes];
         Span<byte> digest = stackalloc byte[ChunkKey.Size];
-        try
+        IncrementalHash sha = t_sha256 ??= IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        root.CopyTo(digest);
+        for (int i = 0; i < count; i++)
         {
-            root.CopyTo(input);
-            for (int i = 0; i < count; i++)
-            {
-                tokensU32Le.Slice(i * chunkBytes, chunkBytes).CopyTo(input[ChunkKey.Size..]);
-                SHA256.HashData(input, digest);
-                keys[i] = new ChunkKey(digest);
-                digest.CopyTo(input);
-            }
-        }
-        finally
-        {
-            if (rented is not null)
-            {
-                ArrayPool<byte>.Shared.Return(rented);
-            }
+            sha.AppendData(digest);
+            sha.AppendData(tokensU32Le.Slice(i * chunkBytes, chunkBytes));
+            sha.GetHashAndReset(digest);
+            keys[i] = new ChunkKey(digest);
         }
 
         return count;

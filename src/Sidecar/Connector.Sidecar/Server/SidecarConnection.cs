@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.IO.Pipelines;
 using System.Net.Sockets;
 using Connector.Core.Caching;
 using Connector.Protocol.Framing;
@@ -8,32 +7,34 @@ using Microsoft.Extensions.Logging;
 namespace Connector.Sidecar.Server;
 
 /// <summary>
-/// One engine connection: reads frames, answers quick requests inline, runs STORE and LOAD copies on
-/// the thread pool and writes their replies when they finish (out of order, by request id).
+/// One engine connection on a thread of its own: blocking reads, quick requests answered inline,
+/// STORE and LOAD copies run on the thread pool and answered when they finish (out of order, by id).
 /// </summary>
+/// <remarks>
+/// A sidecar serves a handful of long-lived connections (a scheduler and a worker per rank per engine),
+/// so a thread per connection costs little and saves the two thread hops an async loop pays on every
+/// request: the LOOKUP round trip is what the scheduler waits for.
+/// </remarks>
 internal sealed class SidecarConnection : IDisposable
 {
+    private const int InitialBufferBytes = 64 * 1024;
+
     private readonly Socket _socket;
-    private readonly NetworkStream _stream;
-    private readonly PipeReader _reader;
-    private readonly PipeWriter _writer;
-    private readonly SemaphoreSlim _writeLock = new(1, 1);
-    private readonly SemaphoreSlim _copySlots;
+    private readonly Lock _writeLock = new();
+    private readonly ArrayBufferWriter<byte> _writeBuffer = new(4096);
     private readonly FrameWriter _frameWriter = new();
+    private readonly SemaphoreSlim _copySlots;
+    private readonly CountdownEvent _inFlight = new(1);
     private readonly ServerCounters _counters;
     private readonly SidecarOptions _options;
     private readonly ILogger _logger;
     private readonly RequestHandler _handler;
-    private int _inFlight;
-    private TaskCompletionSource? _drained;
+    private volatile bool _closing;
 
     public SidecarConnection(long sessionId, Socket socket, KvCacheService cache, ServerCounters counters, SidecarOptions options, ILogger logger)
     {
         SessionId = sessionId;
         _socket = socket;
-        _stream = new NetworkStream(socket, ownsSocket: true);
-        _reader = PipeReader.Create(_stream, new StreamPipeReaderOptions(bufferSize: 64 * 1024, minimumReadSize: 16 * 1024));
-        _writer = PipeWriter.Create(_stream, new StreamPipeWriterOptions(minimumBufferSize: 4096));
         _counters = counters;
         _options = options;
         _logger = logger;
@@ -44,118 +45,173 @@ internal sealed class SidecarConnection : IDisposable
     public long SessionId { get; }
 
     /// <summary>STORE and LOAD copies running now.</summary>
-    public int InFlight => Volatile.Read(ref _inFlight);
+    public int InFlight => Math.Max(0, _inFlight.CurrentCount - 1);
 
-    public async Task RunAsync(CancellationToken stopping)
+    /// <summary>Serves the connection until the peer closes it, the stream breaks, or the server stops; then waits for in-flight copies.</summary>
+    public void Run()
     {
         _counters.Opened();
         SidecarLog.ConnectionOpened(_logger, SessionId);
         try
         {
-            await ReadLoopAsync(stopping).ConfigureAwait(false);
+            ReadLoop();
         }
-        catch (Exception ex) when (ex is OperationCanceledException or IOException or SocketException or ObjectDisposedException)
+        catch (Exception ex) when (ex is SocketException or ObjectDisposedException or IOException)
         {
             // The peer went away or we are stopping: in-flight copies still finish below.
         }
         finally
         {
-            await WaitForCopiesAsync(CancellationToken.None).ConfigureAwait(false);
-            await _reader.CompleteAsync().ConfigureAwait(false);
-            await CloseWriterAsync().ConfigureAwait(false);
+            _closing = true;
+            _inFlight.Signal();
+            _inFlight.Wait(_options.ShutdownTimeout);
+            _socket.Dispose();
             _counters.Closed();
             SidecarLog.ConnectionClosed(_logger, SessionId, _handler.Role, _handler.InstanceId, _handler.Rank);
         }
     }
 
-    /// <summary>Stops reading new requests, waits for in-flight copies (bounded by the token), then closes.</summary>
-    public async Task DrainAndCloseAsync(CancellationToken timeout)
+    /// <summary>Stops reading new requests; <see cref="Run"/> then drains in-flight copies and closes.</summary>
+    public void Stop()
     {
-        _reader.CancelPendingRead();
+        _closing = true;
         try
         {
-            await WaitForCopiesAsync(timeout).ConfigureAwait(false);
+            _socket.Shutdown(SocketShutdown.Receive);
         }
-        catch (OperationCanceledException)
+        catch (Exception ex) when (ex is SocketException or ObjectDisposedException)
         {
-            // Shutdown timeout: close anyway.
+            // Already closed.
         }
-
-        _socket.Dispose();
     }
 
     public void Dispose()
     {
-        _stream.Dispose();
-        _writeLock.Dispose();
+        _socket.Dispose();
         _copySlots.Dispose();
+        _inFlight.Dispose();
     }
 
-    private async Task ReadLoopAsync(CancellationToken stopping)
+    private void ReadLoop()
     {
-        while (!stopping.IsCancellationRequested)
+        byte[] buffer = ArrayPool<byte>.Shared.Rent(InitialBufferBytes);
+        int start = 0, end = 0;
+        try
         {
-            ReadResult result = await _reader.ReadAsync(stopping).ConfigureAwait(false);
-            if (result.IsCanceled)
+            while (!_closing)
             {
-                return;
-            }
-
-            ReadOnlySequence<byte> buffer = result.Buffer;
-            bool keepGoing = true;
-            while (keepGoing)
-            {
-                FrameReadResult status = FrameReader.TryReadFrame(ref buffer, _options.MaxFrameBytes, out FrameHeader header, out ReadOnlySequence<byte> body);
-                switch (status)
+                if (end == buffer.Length)
                 {
-                    case FrameReadResult.Done:
-                        await DispatchAsync(header, body).ConfigureAwait(false);
+                    // Make room: slide the partial frame to the front, or grow for a large frame.
+                    int pending = end - start;
+                    byte[] target = pending > buffer.Length / 2 ? ArrayPool<byte>.Shared.Rent(buffer.Length * 2) : buffer;
+                    Buffer.BlockCopy(buffer, start, target, 0, pending);
+                    if (!ReferenceEquals(target, buffer))
+                    {
+                        ArrayPool<byte>.Shared.Return(buffer);
+                        buffer = target;
+                    }
+
+                    start = 0;
+                    end = pending;
+                }
+
+                int read = _socket.Receive(buffer, end, buffer.Length - end, SocketFlags.None);
+                if (read == 0)
+                {
+                    return;
+                }
+
+                end += read;
+                var sequence = new ReadOnlySequence<byte>(buffer, start, end - start);
+                while (true)
+                {
+                    FrameReadResult status = FrameReader.TryReadFrame(ref sequence, _options.MaxFrameBytes, out FrameHeader header, out ReadOnlySequence<byte> body);
+                    if (status == FrameReadResult.Done)
+                    {
+                        Dispatch(header, body);
+                        continue;
+                    }
+
+                    if (status == FrameReadResult.NeedMoreData)
+                    {
+                        start = end - (int)sequence.Length;
+                        if (start == end)
+                        {
+                            start = end = 0;
+                        }
+
+                        EnsureRoom(ref buffer, ref start, ref end, header, sequence);
                         break;
-                    case FrameReadResult.NeedMoreData:
-                        keepGoing = false;
-                        break;
-                    case FrameReadResult.TooLarge:
-                        await FailStreamAsync(ErrorCode.FrameTooLarge, header.RequestId, $"frame body of {header.BodyLength} bytes exceeds the limit of {_options.MaxFrameBytes}").ConfigureAwait(false);
-                        return;
-                    default:
-                        await FailStreamAsync(ErrorCode.BadFrame, 0, "malformed frame header (magic, reserved bits or flags)").ConfigureAwait(false);
-                        return;
+                    }
+
+                    if (status == FrameReadResult.TooLarge)
+                    {
+                        FailStream(ErrorCode.FrameTooLarge, header.Opcode, header.RequestId, $"frame body of {header.BodyLength} bytes exceeds the limit of {_options.MaxFrameBytes}");
+                    }
+                    else
+                    {
+                        FailStream(ErrorCode.BadFrame, Opcode.Hello, 0, "malformed frame header (magic, reserved bits or flags)");
+                    }
+
+                    return;
                 }
             }
-
-            _reader.AdvanceTo(buffer.Start, buffer.End);
-            if (result.IsCompleted)
-            {
-                return;
-            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
         }
     }
 
-    private async ValueTask DispatchAsync(FrameHeader header, ReadOnlySequence<byte> body)
+    /// <summary>Grows the buffer when a frame whose header is already known will not fit.</summary>
+    private static void EnsureRoom(ref byte[] buffer, ref int start, ref int end, in FrameHeader header, in ReadOnlySequence<byte> pending)
+    {
+        if (pending.Length < FrameHeader.Size)
+        {
+            return;
+        }
+
+        long needed = FrameHeader.Size + (long)header.BodyLength;
+        if (needed <= buffer.Length - start)
+        {
+            return;
+        }
+
+        byte[] bigger = ArrayPool<byte>.Shared.Rent((int)Math.Max(needed, buffer.Length));
+        Buffer.BlockCopy(buffer, start, bigger, 0, end - start);
+        ArrayPool<byte>.Shared.Return(buffer);
+        buffer = bigger;
+        end -= start;
+        start = 0;
+    }
+
+    private void Dispatch(FrameHeader header, in ReadOnlySequence<byte> body)
     {
         if (header.Version != FrameHeader.CurrentVersion)
         {
-            await WriteErrorAsync(header.Opcode, header.RequestId, ErrorCode.UnsupportedVersion, $"frame version {header.Version} is not supported; this sidecar speaks version {FrameHeader.CurrentVersion}").ConfigureAwait(false);
+            WriteError(header.Opcode, header.RequestId, ErrorCode.UnsupportedVersion, $"frame version {header.Version} is not supported; this sidecar speaks version {FrameHeader.CurrentVersion}");
             return;
         }
 
         if (RequestHandler.IsCopy(header.Opcode) && _handler.IsReady)
         {
-            // Decode now (the body buffer is released when we return), copy on the thread pool.
             CopyJob job;
             try
             {
+                // Decoded here: the job owns its arrays, the receive buffer is reused at once.
                 job = _handler.PrepareCopy(header.Opcode, body);
             }
             catch (Exception ex) when (RequestHandler.TryMapError(ex, out ErrorCode code, out string message))
             {
-                await WriteErrorAsync(header.Opcode, header.RequestId, code, message).ConfigureAwait(false);
+                WriteError(header.Opcode, header.RequestId, code, message);
                 return;
             }
 
-            await _copySlots.WaitAsync().ConfigureAwait(false);
-            Interlocked.Increment(ref _inFlight);
-            _ = Task.Run(() => RunCopyAsync(header, job));
+            // Back-pressure: stop reading while too many copies of this connection are running.
+            _copySlots.Wait();
+            _inFlight.AddCount();
+            ThreadPool.UnsafeQueueUserWorkItem(_ => RunCopy(header, job), null);
             return;
         }
 
@@ -166,136 +222,82 @@ internal sealed class SidecarConnection : IDisposable
         }
         catch (Exception ex) when (RequestHandler.TryMapError(ex, out ErrorCode code, out string message))
         {
-            await WriteErrorAsync(header.Opcode, header.RequestId, code, message).ConfigureAwait(false);
+            WriteError(header.Opcode, header.RequestId, code, message);
             return;
         }
         catch (Exception ex)
         {
             SidecarLog.HandlerFailed(_logger, ex, SessionId, header.RequestId, header.Opcode.ToString());
-            await WriteErrorAsync(header.Opcode, header.RequestId, ErrorCode.Internal, ex.Message).ConfigureAwait(false);
+            WriteError(header.Opcode, header.RequestId, ErrorCode.Internal, ex.Message);
             return;
         }
 
-        await WriteReplyAsync(header.Opcode, header.RequestId, reply).ConfigureAwait(false);
+        WriteFrame(w => _frameWriter.WriteReply(w, header.Opcode, header.RequestId, reply));
     }
 
-    private async Task RunCopyAsync(FrameHeader header, CopyJob job)
+    private void RunCopy(FrameHeader header, CopyJob job)
     {
         try
         {
-            object reply;
-            try
-            {
-                reply = _handler.RunCopy(job);
-            }
-            catch (Exception ex) when (RequestHandler.TryMapError(ex, out ErrorCode code, out string message))
-            {
-                await WriteErrorAsync(header.Opcode, header.RequestId, code, message).ConfigureAwait(false);
-                return;
-            }
-            catch (Exception ex)
-            {
-                SidecarLog.HandlerFailed(_logger, ex, SessionId, header.RequestId, header.Opcode.ToString());
-                await WriteErrorAsync(header.Opcode, header.RequestId, ErrorCode.Internal, ex.Message).ConfigureAwait(false);
-                return;
-            }
-
-            await WriteReplyAsync(header.Opcode, header.RequestId, reply).ConfigureAwait(false);
+            object reply = _handler.RunCopy(job);
+            WriteFrame(w => _frameWriter.WriteReply(w, header.Opcode, header.RequestId, reply));
         }
-        catch (Exception ex) when (ex is IOException or SocketException or ObjectDisposedException or InvalidOperationException)
+        catch (Exception ex) when (RequestHandler.TryMapError(ex, out ErrorCode code, out string message))
         {
-            // The engine hung up before its reply: the copy itself is complete and consistent.
+            WriteError(header.Opcode, header.RequestId, code, message);
+        }
+        catch (Exception ex) when (ex is not (SocketException or ObjectDisposedException))
+        {
+            SidecarLog.HandlerFailed(_logger, ex, SessionId, header.RequestId, header.Opcode.ToString());
+            WriteError(header.Opcode, header.RequestId, ErrorCode.Internal, ex.Message);
+        }
+        catch (Exception)
+        {
+            // The engine hung up before its reply: the copy itself finished or was rolled back.
         }
         finally
         {
             _copySlots.Release();
-            if (Interlocked.Decrement(ref _inFlight) == 0)
-            {
-                Volatile.Read(ref _drained)?.TrySetResult();
-            }
+            _inFlight.Signal();
         }
     }
 
-    private async Task WaitForCopiesAsync(CancellationToken timeout)
+    private void FailStream(ErrorCode code, Opcode opcode, ulong requestId, string message)
     {
-        if (InFlight == 0)
-        {
-            return;
-        }
-
-        var drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        Interlocked.CompareExchange(ref _drained, drained, null);
-        if (InFlight == 0)
-        {
-            return;
-        }
-
-        await _drained!.Task.WaitAsync(timeout).ConfigureAwait(false);
+        SidecarLog.StreamUnusable(_logger, SessionId, code.ToString());
+        WriteError(opcode, requestId, code, message);
     }
 
-    private async ValueTask FailStreamAsync(ErrorCode code, ulong requestId, string message)
+    private void WriteError(Opcode opcode, ulong requestId, ErrorCode code, string message)
     {
         _counters.ProtocolError();
-        SidecarLog.StreamUnusable(_logger, SessionId, code.ToString());
-        try
-        {
-            await WriteErrorAsync(Opcode.Hello, requestId, code, message, countError: false).ConfigureAwait(false);
-        }
-        catch (Exception ex) when (ex is IOException or SocketException or ObjectDisposedException)
-        {
-            // Best effort only.
-        }
+        SidecarLog.ProtocolError(_logger, SessionId, code.ToString(), requestId, message);
+        WriteFrame(w => _frameWriter.WriteError(w, opcode, requestId, code, message));
     }
 
-    private async ValueTask WriteReplyAsync(Opcode opcode, ulong requestId, object reply)
+    private void WriteFrame(Action<IBufferWriter<byte>> write)
     {
-        await _writeLock.WaitAsync().ConfigureAwait(false);
-        try
+        lock (_writeLock)
         {
-            _frameWriter.WriteReply(_writer, opcode, requestId, reply);
-            await _writer.FlushAsync().ConfigureAwait(false);
-        }
-        finally
-        {
-            _writeLock.Release();
-        }
-    }
+            _writeBuffer.ResetWrittenCount();
+            write(_writeBuffer);
+            try
+            {
+                ReadOnlySpan<byte> bytes = _writeBuffer.WrittenSpan;
+                while (!bytes.IsEmpty)
+                {
+                    bytes = bytes[_socket.Send(bytes)..];
+                }
+            }
+            catch (Exception ex) when (ex is SocketException or ObjectDisposedException)
+            {
+                // The peer is gone; the read loop notices and closes.
+            }
 
-    private async ValueTask WriteErrorAsync(Opcode opcode, ulong requestId, ErrorCode code, string message, bool countError = true)
-    {
-        if (countError)
-        {
-            _counters.ProtocolError();
-            SidecarLog.ProtocolError(_logger, SessionId, code.ToString(), requestId, message);
-        }
-
-        await _writeLock.WaitAsync().ConfigureAwait(false);
-        try
-        {
-            _frameWriter.WriteError(_writer, opcode, requestId, code, message);
-            await _writer.FlushAsync().ConfigureAwait(false);
-        }
-        finally
-        {
-            _writeLock.Release();
-        }
-    }
-
-    private async ValueTask CloseWriterAsync()
-    {
-        await _writeLock.WaitAsync().ConfigureAwait(false);
-        try
-        {
-            await _writer.CompleteAsync().ConfigureAwait(false);
-        }
-        catch (Exception ex) when (ex is IOException or SocketException or ObjectDisposedException)
-        {
-            // The peer is gone.
-        }
-        finally
-        {
-            _writeLock.Release();
-            _socket.Dispose();
+            if (_writeBuffer.Capacity > 1 << 20)
+            {
+                _writeBuffer.Clear();
+            }
         }
     }
 }

@@ -25,6 +25,7 @@ internal sealed class UnixSocketServer(
     private readonly SidecarOptions _options = options.Value;
     private readonly ILogger _logger = loggerFactory.CreateLogger<UnixSocketServer>();
     private readonly ConcurrentDictionary<long, SidecarConnection> _connections = new();
+    private readonly ConcurrentDictionary<long, Thread> _threads = new();
     private readonly CancellationTokenSource _stopping = new();
     private Socket? _listener;
     private Task? _acceptLoop;
@@ -90,9 +91,19 @@ internal sealed class UnixSocketServer(
             SidecarLog.Draining(_logger, inFlight);
         }
 
-        using var drainTimeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        drainTimeout.CancelAfter(_options.ShutdownTimeout);
-        await Task.WhenAll(_connections.Values.Select(c => c.DrainAndCloseAsync(drainTimeout.Token))).ConfigureAwait(false);
+        foreach (SidecarConnection connection in _connections.Values)
+        {
+            connection.Stop();
+        }
+
+        // Each connection thread drains its in-flight copies (bounded by ShutdownTimeout) and exits.
+        DateTime deadline = DateTime.UtcNow + _options.ShutdownTimeout + TimeSpan.FromSeconds(1);
+        foreach (Thread thread in _threads.Values)
+        {
+            TimeSpan left = deadline - DateTime.UtcNow;
+            thread.Join(left > TimeSpan.Zero ? left : TimeSpan.Zero);
+        }
+
         if (_socketPath is not null)
         {
             File.Delete(_socketPath);
@@ -139,19 +150,22 @@ internal sealed class UnixSocketServer(
             long sessionId = Interlocked.Increment(ref _nextSessionId);
             var connection = new SidecarConnection(sessionId, socket, cache, counters, _options, _logger);
             _connections[sessionId] = connection;
-            _ = RunConnectionAsync(connection);
+            var thread = new Thread(() => RunConnection(connection), 256 * 1024) { IsBackground = true, Name = $"kvsidecar-conn-{sessionId}" };
+            _threads[sessionId] = thread;
+            thread.Start();
         }
     }
 
-    private async Task RunConnectionAsync(SidecarConnection connection)
+    private void RunConnection(SidecarConnection connection)
     {
         try
         {
-            await connection.RunAsync(_stopping.Token).ConfigureAwait(false);
+            connection.Run();
         }
         finally
         {
             _connections.TryRemove(connection.SessionId, out _);
+            _threads.TryRemove(connection.SessionId, out _);
             cache.OnSessionClosed(connection.SessionId);
             connection.Dispose();
         }
