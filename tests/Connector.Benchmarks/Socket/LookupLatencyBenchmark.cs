@@ -10,8 +10,8 @@ using Connector.Testing;
 namespace Connector.Benchmarks.Socket;
 
 /// <summary>
-/// LOOKUP round trip over the Unix socket (a 1024-token prompt whose 4 chunks are all present, so the
-/// sidecar hashes and finds every chunk) next to Redis PING on loopback TCP in the same run, both with
+/// LOOKUP round trip over the Unix socket (a 1024-token prompt whose four 256-token chunks are all
+/// present, so the sidecar hashes and finds every chunk; a 32k-token prompt is reported too) next to Redis PING on loopback TCP in the same run, both with
 /// one request in flight, plus redis-benchmark's own p50 for PING with one client.
 /// </summary>
 internal static class LookupLatencyBenchmark
@@ -25,18 +25,21 @@ internal static class LookupLatencyBenchmark
             engine.Command("fill 1");
             using var worker = SidecarClient.Connect(sidecar.SocketPath, "bench", "worker");
             using var scheduler = SidecarClient.Connect(sidecar.SocketPath, "bench", "scheduler", multiplexed: false);
-            worker.Call<RegisterReply>(Opcode.Register, TestPool.Register(engine));
-            uint[] tokens = TestPool.Tokens(16 * TestPool.ChunkTokens, 1);
-            worker.Call<StoreReply>(Opcode.Store, TestPool.Store(tokens, 0, 16, Enumerable.Range(0, 64).ToArray()));
-            LookupRequest request = TestPool.Lookup(tokens, lease: false);
-            long[] samples = Measure(iterations, () =>
-            {
-                LookupReply r = scheduler.Call<LookupReply>(Opcode.Lookup, request);
-                if (r.HitChunks != 16)
-                {
-                    throw new InvalidOperationException("lookup missed");
-                }
-            });
+            RegisterRequest register = TestPool.Register(engine);
+            register.Namespace!.ChunkTokens = ChunkTokens;
+            worker.Call<RegisterReply>(Opcode.Register, register);
+
+            // A 32k-token prompt fully cached; the headline lookup asks for its first 1024 tokens (4 chunks).
+            uint[] tokens = TestPool.Tokens(32 * 1024, 1);
+            int chunks = tokens.Length / ChunkTokens;
+            worker.Call<StoreReply>(Opcode.Store, TestPool.Store(tokens, 0, chunks, Enumerable.Range(0, chunks * BlocksPerChunk).Select(b => b % TestPool.Blocks).ToArray()));
+            long[] samples = MeasureLookup(scheduler, tokens[..1024], 4, iterations);
+            long[] large = MeasureLookup(scheduler, tokens, chunks, Math.Max(200, iterations / 20));
+            double[] largeUs = Percentiles.Sorted(large);
+            figures["lookup_32k_tokens_p50_us"] = Percentiles.Of(largeUs, 50);
+            var ping = new PingMessage { Nonce = 1 };
+            double[] pingUs = Percentiles.Sorted(Measure(iterations, () => scheduler.Call<PingMessage>(Opcode.Ping, ping)));
+            figures["sidecar_ping_p50_us"] = Percentiles.Of(pingUs, 50);
             double[] us = Percentiles.Sorted(samples);
             figures["lookup_p50_us"] = Percentiles.Of(us, 50);
             figures["lookup_p99_us"] = Percentiles.Of(us, 99);
@@ -80,6 +83,22 @@ internal static class LookupLatencyBenchmark
         }
 
         return figures;
+    }
+
+    private const int ChunkTokens = 256;
+    private const int BlocksPerChunk = ChunkTokens / TestPool.BlockTokens;
+
+    private static long[] MeasureLookup(SidecarClient scheduler, uint[] tokens, int expectedChunks, int iterations)
+    {
+        LookupRequest request = TestPool.Lookup(tokens, lease: false);
+        return Measure(iterations, () =>
+        {
+            LookupReply r = scheduler.Call<LookupReply>(Opcode.Lookup, request);
+            if (r.HitChunks != expectedChunks)
+            {
+                throw new InvalidOperationException($"lookup found {r.HitChunks} of {expectedChunks} chunks");
+            }
+        });
     }
 
     private static long[] Measure(int iterations, Action call)

@@ -20,7 +20,7 @@ internal static unsafe class StoreLoadBenchmark
     private const int RowBytes = 128 * 2;
     private const int BlockTokens = 16;
     private const int ChunkTokens = 256;
-    private const int Blocks = 64;
+    private const int Blocks = 128;
     private const int HalfBlockBytes = BlockTokens * Heads * RowBytes; // 32 KiB: K (or V) of one block
     private const int Chunks = Blocks / (ChunkTokens / BlockTokens);
 

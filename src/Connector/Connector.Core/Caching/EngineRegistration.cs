@@ -10,7 +10,11 @@ namespace Connector.Core.Caching;
 /// </remarks>
 public sealed class EngineRegistration
 {
+    /// <summary>Distinct salts whose root keys are remembered; beyond this, roots are recomputed per request.</summary>
+    private const int MaxCachedRoots = 4096;
+
     private readonly IEngineMemory _memory;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, ChunkKey> _roots = new();
     private int _refs = 1;
     private int _closed;
 
@@ -50,7 +54,22 @@ public sealed class EngineRegistration
 
     /// <summary>The root key of this registration's namespace under a cache salt.</summary>
     /// <param name="cacheSalt">The tenant salt; null or empty for none.</param>
-    public ChunkKey RootKey(string? cacheSalt) => ChunkHasher.Root(BaseNamespace.WithSalt(cacheSalt));
+    public ChunkKey RootKey(string? cacheSalt)
+    {
+        string salt = cacheSalt ?? string.Empty;
+        if (_roots.TryGetValue(salt, out ChunkKey root))
+        {
+            return root;
+        }
+
+        root = ChunkHasher.Root(BaseNamespace.WithSalt(salt));
+        if (_roots.Count < MaxCachedRoots)
+        {
+            _roots.TryAdd(salt, root);
+        }
+
+        return root;
+    }
 
     internal bool TryAcquire()
     {

@@ -8,6 +8,9 @@ internal sealed class RegistrationTable
     private readonly Lock _lock = new();
     private readonly List<EngineRegistration> _all = [];
 
+    // Lookups ask for an instance's ranks on every call; the answer changes only on (un)registration.
+    private readonly Dictionary<string, EngineRegistration[]> _ranksByInstance = [];
+
     public int Count
     {
         get
@@ -24,6 +27,7 @@ internal sealed class RegistrationTable
         lock (_lock)
         {
             _all.Add(registration);
+            _ranksByInstance.Clear();
         }
     }
 
@@ -31,6 +35,7 @@ internal sealed class RegistrationTable
     {
         lock (_lock)
         {
+            _ranksByInstance.Clear();
             return _all.Remove(registration);
         }
     }
@@ -49,6 +54,11 @@ internal sealed class RegistrationTable
     {
         lock (_lock)
         {
+            if (_ranksByInstance.TryGetValue(instanceId, out EngineRegistration[]? cached))
+            {
+                return cached;
+            }
+
             var byNamespace = new Dictionary<KvNamespace, EngineRegistration>();
             foreach (EngineRegistration r in _all)
             {
@@ -58,7 +68,9 @@ internal sealed class RegistrationTable
                 }
             }
 
-            return byNamespace.Values.OrderBy(r => r.BaseNamespace.TpRank).ToArray();
+            EngineRegistration[] ranks = byNamespace.Values.OrderBy(r => r.BaseNamespace.TpRank).ToArray();
+            _ranksByInstance[instanceId] = ranks;
+            return ranks;
         }
     }
 }
