@@ -1,0 +1,62 @@
+"""The "model": deterministic KV for every computed token, and the tensor layouts of each vLLM era."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ERAS = ("kv_first", "blocks_first", "packed", "shared_views")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    num_layers: int = 4
+    num_blocks: int = 64
+    block_size: int = 16
+    num_heads: int = 2
+    head_size: int = 8
+    dtype: torch.dtype = torch.float16
+
+
+def kv_values(tokens: torch.Tensor, positions: torch.Tensor, layer: int, plane: int, rank: int, g: Geometry) -> torch.Tensor:
+    """[T, H, D] values that depend only on (token, position, layer, K/V, rank, head, dim): exact in fp16/bf16."""
+    t = tokens.view(-1, 1, 1).to(torch.int64)
+    p = positions.view(-1, 1, 1).to(torch.int64)
+    h = torch.arange(g.num_heads).view(1, -1, 1)
+    d = torch.arange(g.head_size).view(1, 1, -1)
+    v = (t * 31 + p * 7 + layer * 13 + plane * 3 + rank * 5 + h * 11 + d) % 127
+    return (v.to(torch.float32) / 4.0).to(g.dtype)
+
+
+def make_kv_caches(era: str, g: Geometry) -> dict:
+    """One tensor per layer, in the shape vLLM passed to register_kv_caches in that era."""
+    B, N, H, D = g.num_blocks, g.block_size, g.num_heads, g.head_size
+    caches = {}
+    if era == "shared_views":
+        # One buffer for all layers ([B, L, H, N, 2D]); each layer gets a strided [B, H, N, 2D] view (#51718).
+        buf = torch.zeros(B, g.num_layers, H, N, 2 * D, dtype=g.dtype)
+        for layer in range(g.num_layers):
+            caches[f"model.layers.{layer}.self_attn.attn"] = buf[:, layer]
+        return caches
+    for layer in range(g.num_layers):
+        if era == "kv_first":
+            t = torch.zeros(2, B, N, H, D, dtype=g.dtype)
+        elif era == "blocks_first":
+            t = torch.zeros(B, 2, N, H, D, dtype=g.dtype)
+        elif era == "packed":
+            t = torch.zeros(B, H, N, 2 * D, dtype=g.dtype)
+        else:
+            raise ValueError(era)
+        caches[f"model.layers.{layer}.self_attn.attn"] = t
+    return caches
+
+
+def kv_views(t: torch.Tensor, era: str, g: Geometry):
+    """K and V of a layer tensor as [B, N, H, D] views."""
+    if era == "kv_first":
+        return t[0], t[1]
+    if era == "blocks_first":
+        return t[:, 0], t[:, 1]
+    d = g.head_size
+    return t[..., :d].transpose(1, 2), t[..., d:].transpose(1, 2)

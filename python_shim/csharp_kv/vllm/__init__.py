@@ -1,0 +1,1 @@
+"""The vLLM integration: ``CSharpSidecarConnector`` (import it lazily; it needs vLLM)."""

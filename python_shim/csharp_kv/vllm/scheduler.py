@@ -1,0 +1,208 @@
+"""Scheduler-role half of the connector: lookups (never blocking the scheduler for more than
+``lookup_wait_ms``), load and store planning, and the per-step metadata."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Dict, List, Optional, Tuple
+
+from .. import protocol as p
+from ..client import SidecarClient
+from ..config import ShimConfig
+from .metadata import CSharpSidecarMetadata, LoadOp, StoreOp
+
+logger = logging.getLogger(__name__)
+
+
+class _Req:
+    """What the scheduler side remembers about one request."""
+
+    __slots__ = ("request", "lookup_fut", "lookup_key", "lookup_started", "answer", "lease_id", "n_local", "hit",
+                 "load_op", "block_ids", "stored_chunks", "num_computed")
+
+    def __init__(self, request):
+        self.request = request
+        self.lookup_fut = None
+        self.lookup_key: Optional[Tuple[int, int]] = None
+        self.lookup_started = 0.0
+        self.answer: Optional[Tuple[int, bool]] = None
+        self.lease_id = 0
+        self.n_local = 0
+        self.hit = 0
+        self.load_op: Optional[LoadOp] = None
+        self.block_ids: List[int] = []
+        self.stored_chunks = 0
+        self.num_computed = 0
+
+
+class SchedulerSide:
+    def __init__(self, cfg: ShimConfig, instance_id: str, block_size: int, engine_version: str = ""):
+        self.cfg = cfg
+        self.block_size = block_size
+        self.chunk = cfg.chunk_tokens
+        self.bpc = cfg.chunk_tokens // block_size
+        self.client = SidecarClient(cfg.socket_path, instance_id, "scheduler", 0, engine_version=engine_version,
+                                    connect_timeout=cfg.connect_timeout_ms / 1000,
+                                    retry_interval=cfg.retry_interval_ms / 1000)
+        self.client.ensure_connected(force=True)
+        self.reqs: Dict[str, _Req] = {}
+        self._loads: List[_Req] = []
+        self.stats = {"lookups": 0, "lookup_not_yet": 0, "lookup_hit_tokens": 0, "lookup_misses": 0,
+                      "lookup_errors": 0, "lookup_timeouts": 0, "loads_planned": 0, "stores_planned": 0,
+                      "skipped_requests": 0}
+
+    # --------------------------------------------------------------- lookups
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> Tuple[Optional[int], bool]:
+        req_id = request.request_id
+        st = self.reqs.get(req_id)
+        if st is None:
+            st = self.reqs[req_id] = _Req(request)
+        st.request = request
+        if request.prompt_token_ids is None:
+            self.stats["skipped_requests"] += 1
+            logger.debug("kvsidecar: request %s has no prompt token ids (prompt embeddings); not cached", req_id)
+            return 0, False
+        num_tokens = request.num_tokens
+        key = (num_computed_tokens, num_tokens)
+        if st.lookup_key == key and st.answer is not None:
+            return st.answer  # repeated call: same answer, no side effect
+        if st.lookup_key != key or st.lookup_fut is None:
+            full = (num_tokens // self.chunk) * self.chunk
+            if full == 0 or not self.client.ensure_connected():
+                return self._answer(st, key, 0, num_computed_tokens, 0)
+            tokens = p.tokens_to_bytes(request.all_token_ids[:full])
+            self._release(st)
+            st.lookup_fut = self.client.submit(p.Opcode.LOOKUP, p.lookup(req_id, request.cache_salt, tokens, True))
+            st.lookup_key = key
+            st.lookup_started = time.monotonic()
+            st.answer = None
+            self.stats["lookups"] += 1
+        try:
+            reply = st.lookup_fut.result(timeout=self.cfg.lookup_wait_ms / 1000)
+        except FutureTimeout:
+            if time.monotonic() - st.lookup_started > self.cfg.lookup_timeout_ms / 1000:
+                self.stats["lookup_timeouts"] += 1
+                return self._answer(st, key, 0, num_computed_tokens, 0)
+            self.stats["lookup_not_yet"] += 1
+            return None, False
+        if not reply.ok:
+            self.stats["lookup_errors"] += 1
+            return self._answer(st, key, 0, num_computed_tokens, 0)
+        if reply.get(3, 0) == p.LookupState.PENDING:
+            st.lookup_fut = None  # ask again next time
+            self.stats["lookup_not_yet"] += 1
+            return None, False
+        return self._answer(st, key, int(reply.get(0, 0)), num_computed_tokens, int(reply.get(2, 0)))
+
+    def _answer(self, st: _Req, key, hit_tokens: int, n_local: int, lease_id: int) -> Tuple[int, bool]:
+        num_tokens = key[1]
+        # Leave at least one token to compute, and stay block-aligned.
+        cap = ((num_tokens - 1) // self.block_size) * self.block_size
+        hit = min(hit_tokens, cap)
+        ext = hit - n_local if hit > n_local else 0
+        st.lease_id = lease_id
+        st.n_local = n_local
+        st.hit = hit
+        st.lookup_key = key
+        st.answer = (ext, bool(self.cfg.async_load and ext > 0))
+        if ext == 0:
+            self._release(st)
+            self.stats["lookup_misses"] += 1
+        else:
+            self.stats["lookup_hit_tokens"] += ext
+        return st.answer
+
+    # --------------------------------------------------------------- allocation
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens == 0:
+            if st.load_op is None:
+                self._release(st)
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        bs, bpc = self.block_size, self.bpc
+        first_pos = st.n_local // bs
+        end_pos = (st.n_local + num_external_tokens) // bs
+        # vLLM passes all of the request's blocks (newest) or only the new ones (older): derive positions.
+        offset = 0 if len(block_ids) >= end_pos else first_pos
+        first_chunk = first_pos // bpc
+        last_chunk = -(-end_pos // bpc)
+        ids = [block_ids[pos - offset] if first_pos <= pos < end_pos else -1
+               for pos in range(first_chunk * bpc, last_chunk * bpc)]
+        tokens = p.tokens_to_bytes(request.all_token_ids[:last_chunk * self.chunk])
+        st.load_op = LoadOp(request.request_id, request.cache_salt, tokens, first_chunk, last_chunk - first_chunk,
+                            p.block_ids_to_bytes(ids), st.lease_id, bool(self.cfg.async_load))
+        st.lease_id = 0  # the workers' LOAD releases it
+        st.stored_chunks = max(st.stored_chunks, end_pos // bpc)
+        self._loads.append(st)
+        self.stats["loads_planned"] += 1
+
+    # --------------------------------------------------------------- per step
+
+    def build_connector_meta(self, so) -> CSharpSidecarMetadata:
+        meta = CSharpSidecarMetadata()
+        for st in self._loads:
+            if st.load_op is not None:
+                meta.loads.append(st.load_op)
+                st.load_op = None
+        self._loads.clear()
+        scheduled = so.num_scheduled_tokens
+        for new in so.scheduled_new_reqs:
+            st = self.reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            st.num_computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            self._plan_store(st, meta)
+        cached = so.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or ()
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in resumed:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            st.num_computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            self._plan_store(st, meta)
+        meta.preempted = list(getattr(so, "preempted_req_ids", None) or ())
+        return meta
+
+    def _plan_store(self, st: _Req, meta: CSharpSidecarMetadata) -> None:
+        request = st.request
+        if request.prompt_token_ids is None:
+            return
+        full = st.num_computed // self.chunk
+        if not self.cfg.store_output:
+            full = min(full, len(request.prompt_token_ids) // self.chunk)
+        if full <= st.stored_chunks or len(st.block_ids) < full * self.bpc:
+            return
+        first = st.stored_chunks
+        meta.stores.append(StoreOp(request.request_id, request.cache_salt,
+                                   p.tokens_to_bytes(request.all_token_ids[:full * self.chunk]), first, full - first,
+                                   p.block_ids_to_bytes(st.block_ids[first * self.bpc:full * self.bpc])))
+        st.stored_chunks = full
+        self.stats["stores_planned"] += 1
+
+    def request_finished(self, request, block_ids) -> Tuple[bool, Optional[dict]]:
+        st = self.reqs.pop(request.request_id, None)
+        if st is not None:
+            self._release(st)
+        # Stores complete inside wait_for_save, so the blocks can be freed at once.
+        return False, None
+
+    def _release(self, st: _Req) -> None:
+        if st.lease_id:
+            self.client.submit(p.Opcode.RELEASE, p.release(st.lease_id, None))
+            st.lease_id = 0
+
+    def shutdown(self) -> None:
+        self.client.close()
