@@ -185,6 +185,8 @@ class FakeScheduler:
                 if is_async:
                     req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
                     self.pending_computed[req.request_id] = computed
+                    self.external_tokens += ext
+                    self.local_tokens += n_local
                     continue
                 if ext > 0:
                     has_sync_loads = True

@@ -53,15 +53,14 @@ class FakeWorker:
                 c.save_kv_layer(name, self.kv_caches[name], ctx.attn_metadata)
         if deferred:
             c.start_load_kv(ctx)
-        invalid_now = c.get_block_ids_with_load_errors() if self.runner == "v1" else None
-        mismatches = self._verify_loaded(so, invalid_now or set()) if not deferred else []
         if has_forward:
             self._compute(so)
             c.wait_for_save()
         sending, recving = c.get_finished(so.finished_req_ids)
-        invalid = invalid_now if invalid_now is not None else c.get_block_ids_with_load_errors()
-        if deferred:
-            mismatches = self._verify_loaded(so, invalid)
+        invalid = c.get_block_ids_with_load_errors()
+        # The forward wrote only positions past num_computed_tokens, so the loaded prefix can be checked now,
+        # skipping blocks the connector reported as failed (vLLM recomputes those).
+        mismatches = self._verify_loaded(so, invalid)
         c.get_kv_connector_stats()
         if self.runner == "v2":
             c.get_kv_connector_kv_cache_events()
