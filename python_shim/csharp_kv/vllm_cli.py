@@ -116,10 +116,7 @@ def translate_argv(argv: List[str]) -> List[str]:
             out.append(arg)
             i += 1
     if connector is None and role is None and not sidecar:
-        if base is None and not dotted:
-            return list(argv)
-        if base is None:
-            base = {}
+        return list(argv)  # nothing of ours: vLLM parses its own flags as given
     config: Dict[str, Any] = dict(base or {})
     for key, value in dotted.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
