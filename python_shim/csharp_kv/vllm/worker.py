@@ -32,7 +32,8 @@ class WorkerSide:
         self._errors: Set[int] = set()
         self._finished_recving: Set[str] = set()
         self.stats = {"registrations": 0, "loads": 0, "loaded_chunks": 0, "load_errors": 0, "failed_blocks": 0,
-                      "stores": 0, "stored_chunks": 0, "store_errors": 0, "transfer_timeouts": 0}
+                      "stores": 0, "stored_chunks": 0, "store_errors": 0, "transfer_timeouts": 0,
+                      "load_wait_seconds": 0.0, "store_wait_seconds": 0.0}
         self.client = SidecarClient(cfg.socket_path, instance_id, "worker", rank, engine_version=engine_version,
                                     connect_timeout=cfg.connect_timeout_ms / 1000,
                                     retry_interval=cfg.retry_interval_ms / 1000, on_connect=self._on_connect)
@@ -97,6 +98,7 @@ class WorkerSide:
         deadline = now + self.cfg.transfer_timeout_ms / 1000
         for fut, op in sync:
             self._finish_load(self.client.wait(fut, max(0.0, deadline - time.monotonic())), op)
+        self.stats["load_wait_seconds"] += time.monotonic() - now
 
     def _finish_load(self, reply: Reply, op: LoadOp) -> None:
         loaded = int(reply.get(0, 0)) if reply.ok else 0
@@ -140,6 +142,7 @@ class WorkerSide:
         blocks may be reused at once. Failures are dropped (the chunks are simply not cached)."""
         if meta is None or not meta.stores:
             return
+        started = time.monotonic()
         futs = [(self.client.submit(p.Opcode.STORE, p.store(op.req_id, op.cache_salt, op.tokens, op.first_chunk,
                                                             op.num_chunks, op.block_ids)), op) for op in meta.stores]
         deadline = time.monotonic() + self.cfg.transfer_timeout_ms / 1000
@@ -151,6 +154,7 @@ class WorkerSide:
             else:
                 self.stats["store_errors"] += 1
                 logger.debug("kvsidecar: store of %s dropped: %s", op.req_id, reply.error)
+        self.stats["store_wait_seconds"] += time.monotonic() - started
 
     def shutdown(self) -> None:
         self.client.close()

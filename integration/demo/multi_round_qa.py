@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""The main job: a multi-round QA workload (a shared system prompt, several users, several rounds; each
+round's prompt is the previous prompt + the answer + a new question) through the vLLM-faithful fake
+engine and the real shim, against a real sidecar. Prints, per round, the prefill tokens loaded from the
+sidecar against the ideal (every shared full chunk) and, at the end, what the sidecar stored and moved.
+
+The engine's own prefix cache is off, as after the GPU cache has long evicted these conversations (or
+on a restarted engine): every reused token must come from the sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from fake_engine.engine import EngineOptions, FakeEngine, SidecarProcess, ensure_import_paths  # noqa: E402
+
+
+def tokens(n: int, seed: int) -> list:
+    return [(seed * 7919 + i * 104729) % 30000 + 1000 for i in range(n)]
+
+
+class IdealCache:
+    """What a perfect chunk cache holds: every full chunk of every computed sequence so far."""
+
+    def __init__(self, chunk: int, block: int):
+        self.chunk, self.block = chunk, block
+        self.prefixes = set()
+
+    def add(self, seq: list) -> None:
+        for k in range(1, len(seq) // self.chunk + 1):
+            self.prefixes.add(tuple(seq[:k * self.chunk]))
+
+    def hit(self, prompt: list) -> int:
+        k = 0
+        while (k + 1) * self.chunk <= len(prompt) and tuple(prompt[:(k + 1) * self.chunk]) in self.prefixes:
+            k += 1
+        return min(k * self.chunk, ((len(prompt) - 1) // self.block) * self.block)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sidecar-bin", help="kvsidecar.dll to start (default: $KVSIDECAR_BIN or out/sidecar)")
+    ap.add_argument("--socket", help="use a sidecar already listening on this socket")
+    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--system-tokens", type=int, default=2048)
+    ap.add_argument("--question-tokens", type=int, default=96)
+    ap.add_argument("--answer-tokens", type=int, default=64)
+    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--tp", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.sidecar_bin:
+        os.environ["KVSIDECAR_BIN"] = args.sidecar_bin
+    ensure_import_paths()
+    from vllm.v1.request import Request
+
+    sidecar = None if args.socket else SidecarProcess(capacity_bytes=1 << 30)
+    socket_path = args.socket or sidecar.socket_path
+    longest = args.system_tokens + args.rounds * (args.question_tokens + args.answer_tokens)
+    opts = EngineOptions(era="blocks_first", tp=args.tp, num_blocks=args.users * (longest // 16 + 8),
+                         num_layers=8, num_heads=4, head_size=32, chunk_tokens=args.chunk_tokens,
+                         max_num_batched_tokens=4096)
+    engine = FakeEngine(socket_path, opts)
+    ideal = IdealCache(args.chunk_tokens, opts.block_size)
+    system = tokens(args.system_tokens, 1)
+    history = {u: list(system) for u in range(args.users)}
+    print(f"kvsidecar demo: {args.users} users x {args.rounds} rounds, system prompt {args.system_tokens} tokens, "
+          f"{args.chunk_tokens}-token chunks, TP={args.tp}, socket {socket_path}")
+    print(f"{'round':>5} {'prompt tok':>10} {'from sidecar':>12} {'recomputed':>10} {'hit rate':>8} {'ideal':>8}")
+    ok = True
+    started = time.monotonic()
+    total_prompt = total_hit = 0
+    try:
+        for r in range(args.rounds):
+            reqs = []
+            for u in range(args.users):
+                prompt = history[u] + tokens(args.question_tokens, 1000 * (u + 1) + r)
+                reqs.append((u, Request(f"u{u}-r{r}", prompt, max_tokens=args.answer_tokens)))
+            expected = sum(ideal.hit(req.prompt_token_ids) for _, req in reqs) if r > 0 else None
+            # Round 0: users arrive one after another, so later users can reuse the system prompt.
+            if r == 0:
+                expected = 0
+                for _, req in reqs:
+                    expected += ideal.hit(req.prompt_token_ids)
+                    engine.add(req)
+                    engine.run()
+                    ideal.add(req.all_token_ids[:-1])
+            else:
+                for _, req in reqs:
+                    engine.add(req)
+                engine.run()
+                for _, req in reqs:
+                    ideal.add(req.all_token_ids[:-1])
+            prompt_tokens = sum(req.num_prompt_tokens for _, req in reqs)
+            hit = sum(req.num_external_computed_tokens for _, req in reqs)
+            for u, req in reqs:
+                history[u] = list(req.all_token_ids)
+            total_prompt += prompt_tokens
+            total_hit += hit
+            print(f"{r + 1:>5} {prompt_tokens:>10} {hit:>12} {prompt_tokens - hit:>10} {hit / prompt_tokens:>8.1%} "
+                  f"{expected / prompt_tokens:>8.1%}")
+            ok &= hit >= expected
+        elapsed = time.monotonic() - started
+        from csharp_kv import protocol as p
+        from csharp_kv.client import SidecarClient
+
+        stats_client = SidecarClient(socket_path, "demo", "client")
+        stats = stats_client.call(p.Opcode.STATS)
+        stats_client.close()
+        s = dict(zip(p.STATS_FIELDS, stats.fields)) if stats.ok else {}
+        w = engine.worker_stats()
+        load_s = sum(x["load_wait_seconds"] for x in w)
+        store_s = sum(x["store_wait_seconds"] for x in w)
+        mib = 1 << 20
+        print(f"prefill tokens saved: {total_hit} of {total_prompt} ({total_hit / total_prompt:.1%}) in {elapsed:.1f} s, "
+              f"{engine.steps} engine steps")
+        if s:
+            print(f"sidecar: {s['chunks']} chunks ({s['used_bytes'] / mib:.1f} MiB) held, stored {s['stored_bytes'] / mib:.1f} MiB, "
+                  f"loaded {s['loaded_bytes'] / mib:.1f} MiB, hits {s['hits']} misses {s['misses']} evictions {s['evictions']}")
+            if load_s > 0 and store_s > 0:
+                print(f"sidecar throughput seen by the engine: load {s['loaded_bytes'] / mib / load_s:.0f} MiB/s, "
+                      f"store {s['stored_bytes'] / mib / store_s:.0f} MiB/s (round trips included)")
+        if engine.mismatches:
+            print("KV MISMATCHES:", engine.mismatches[:5])
+            ok = False
+        print("hit rate equals the ideal in every round" if ok else "HIT RATE BELOW THE IDEAL")
+    finally:
+        engine.close()
+        if sidecar is not None:
+            sidecar.stop()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
