@@ -13,7 +13,9 @@ def trx_counts(path):
         return 0, 1, 0
     get = lambda k: int(counters.get(k, "0"))
     failed = get("failed") + get("error") + get("timeout") + get("aborted")
-    return get("passed"), failed, get("notExecuted")
+    # Skipped tests are counted in total but not in executed.
+    skipped = max(get("notExecuted"), get("total") - get("executed"))
+    return get("passed"), failed, skipped
 
 
 def junit_counts(path):

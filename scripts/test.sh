@@ -23,8 +23,13 @@ KVSIDECAR_BIN="$(bash scripts/publish.sh)" || { echo "publish failed"; echo "0 p
 export KVSIDECAR_BIN
 
 echo "== C# tests"
-dotnet test Connector.sln -c Release --no-build --nologo -v quiet \
-  --logger "trx" --logger "console;verbosity=minimal" --results-directory "$results/dotnet" || status=1
+for project in tests/*.Tests/*.Tests.csproj; do
+  name="$(basename "$project" .csproj)"
+  dotnet test "$project" -c Release --no-build --nologo -v quiet \
+    --logger "trx;LogFileName=$name.trx" --logger "console;verbosity=minimal" \
+    --results-directory "$results/dotnet/$name" || status=1
+  [ -f "$results/dotnet/$name/$name.trx" ] || { echo "no results from $name"; status=1; }
+done
 
 echo "== Python tests"
 /usr/bin/python3 -m pytest python_shim/tests integration -q -p no:cacheprovider \

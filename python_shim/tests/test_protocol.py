@@ -4,7 +4,7 @@ import os
 import msgpack
 import pytest
 
-from conftest import GOLDEN
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tests", "golden")
 from csharp_kv import protocol as p
 
 
