@@ -23,17 +23,24 @@ FAKES = os.path.join(SHIM, "tests", "fakes")
 def ensure_import_paths() -> List[str]:
     """The shim, the integration package and, unless a real vLLM is importable, the vLLM fakes."""
     paths = [SHIM, os.path.join(REPO, "integration")]
-    try:
-        import vllm  # noqa: F401
-        real = not getattr(vllm, "__version__", "").endswith("+fake")
-    except ImportError:
-        real = False
-    if not real:
+    if not real_vllm_installed():
         paths.append(FAKES)
     for p in paths:
         if p not in sys.path:
             sys.path.insert(0, p)
     return paths
+
+
+def real_vllm_installed() -> bool:
+    """Whether a real vLLM package is importable (not our fake, not the namespace package that the
+    integration/vllm test folder would otherwise pose as)."""
+    import importlib.util
+
+    if "vllm" in sys.modules:
+        module = sys.modules["vllm"]
+        return getattr(module, "__file__", None) is not None and not getattr(module, "__version__", "").endswith("+fake")
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None and not spec.origin.startswith(FAKES)
 
 
 def sidecar_bin() -> Optional[str]:

@@ -21,11 +21,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _real_vllm_available() -> bool:
-    try:
-        import vllm  # noqa: PLC0415
-    except ImportError:
-        return False
-    return not getattr(vllm, "__version__", "").endswith("+fake") and shutil.which("vllm") is not None
+    from fake_engine.engine import real_vllm_installed  # noqa: PLC0415
+
+    return real_vllm_installed() and shutil.which("vllm") is not None
 
 
 pytestmark = pytest.mark.skipif(not _real_vllm_available(),

@@ -20,7 +20,9 @@ public sealed class SidecarClient : IDisposable
     private readonly ArrayBufferWriter<byte> _sendBuffer = new(4096);
     private readonly ConcurrentDictionary<ulong, TaskCompletionSource<Reply>> _pending = new();
     private readonly Thread? _readerThread;
-    private readonly byte[] _header = new byte[FrameHeader.Size];
+    private byte[] _syncBuffer = new byte[64 * 1024];
+    private int _syncStart;
+    private int _syncEnd;
     private ulong _nextRequestId;
     private volatile Exception? _failure;
 
@@ -89,15 +91,23 @@ public sealed class SidecarClient : IDisposable
             _socket.Send(_sendBuffer.WrittenSpan);
             while (true)
             {
-                if (!ReadExactly(_header) || FrameHeader.TryRead(_header, out FrameHeader h) != OperationStatus.Done)
+                // One receive usually brings the whole reply: the same system calls as a Redis client's PING.
+                FrameHeader h;
+                ReadOnlyMemory<byte> body;
+                while (!TryTakeFrame(out h, out body))
                 {
-                    throw new IOException("the sidecar closed the connection or sent a malformed header");
-                }
+                    if (_syncEnd == _syncBuffer.Length)
+                    {
+                        Array.Resize(ref _syncBuffer, _syncBuffer.Length * 2);
+                    }
 
-                byte[] body = h.BodyLength == 0 ? [] : new byte[h.BodyLength];
-                if (!ReadExactly(body))
-                {
-                    throw new IOException("the sidecar closed the connection mid-frame");
+                    int n = _socket.Receive(_syncBuffer, _syncEnd, _syncBuffer.Length - _syncEnd, SocketFlags.None);
+                    if (n == 0)
+                    {
+                        throw new IOException("the sidecar closed the connection");
+                    }
+
+                    _syncEnd += n;
                 }
 
                 if (h.RequestId != id)
@@ -105,9 +115,38 @@ public sealed class SidecarClient : IDisposable
                     continue;
                 }
 
-                var reply = new Reply(h, body, (h.Flags & FrameFlags.Error) != 0 ? DecodeError(body) : null);
-                return Decode<TReply>(reply);
+                return Decode<TReply>(new Reply(h, body, (h.Flags & FrameFlags.Error) != 0 ? DecodeError(body.ToArray()) : null));
             }
+        }
+    }
+
+    private bool TryTakeFrame(out FrameHeader header, out ReadOnlyMemory<byte> body)
+    {
+        body = default;
+        var sequence = new ReadOnlySequence<byte>(_syncBuffer, _syncStart, _syncEnd - _syncStart);
+        switch (FrameReader.TryReadFrame(ref sequence, int.MaxValue, out header, out ReadOnlySequence<byte> b))
+        {
+            case FrameReadResult.Done:
+                // Copied out: the buffer is reused by the next receive.
+                body = b.ToArray();
+                _syncStart = _syncEnd - (int)sequence.Length;
+                if (_syncStart == _syncEnd)
+                {
+                    _syncStart = _syncEnd = 0;
+                }
+
+                return true;
+            case FrameReadResult.NeedMoreData:
+                if (_syncStart > 0)
+                {
+                    Buffer.BlockCopy(_syncBuffer, _syncStart, _syncBuffer, 0, _syncEnd - _syncStart);
+                    _syncEnd -= _syncStart;
+                    _syncStart = 0;
+                }
+
+                return false;
+            default:
+                throw new IOException("the sidecar sent a malformed frame header");
         }
     }
 
