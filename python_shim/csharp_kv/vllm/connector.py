@@ -15,7 +15,7 @@ import logging
 from typing import Any, Optional
 
 from .. import memory
-from .._vllm_api import KVConnectorBase_V1, KVConnectorRole, handle_preemptions_takes_metadata
+from .._vllm_api import KVConnectorBase_V1, KVConnectorRole
 from ..config import ShimConfig
 from .metadata import CSharpSidecarMetadata
 from .scheduler import SchedulerSide
@@ -180,7 +180,7 @@ class CSharpSidecarConnector(KVConnectorBase_V1):
 # Also reachable as kv_connector "csharp-sidecar" with kv_connector_module_path "csharp_kv.vllm.connector".
 globals()["csharp-sidecar"] = CSharpSidecarConnector
 
-__all__ = ["CSharpSidecarConnector", "handle_preemptions_takes_metadata"]
+__all__ = ["CSharpSidecarConnector"]
 
 
 def _vllm_version() -> str:

@@ -5,6 +5,7 @@ using Connector.Core.Memory;
 using Connector.Protocol;
 using Connector.Protocol.Framing;
 using Connector.Protocol.Messages;
+using Microsoft.Extensions.Logging;
 
 namespace Connector.Sidecar.Server;
 
@@ -13,7 +14,7 @@ internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, s
 
 /// <summary>Turns one connection's decoded requests into calls on the cache and builds the replies.</summary>
 /// <remarks>Holds the connection's HELLO state and registration. Not thread-safe except <see cref="RunCopy"/>.</remarks>
-internal sealed class RequestHandler(long sessionId, KvCacheService cache, ServerCounters counters, SidecarOptions options)
+internal sealed class RequestHandler(long sessionId, KvCacheService cache, ServerCounters counters, SidecarOptions options, ILogger logger)
 {
     private static readonly string ServerVersion = typeof(RequestHandler).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "0";
     private static readonly string[] ServerCapabilities = ["host-memory"];
@@ -165,6 +166,7 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
         }
 
         _registration = registration;
+        SidecarLog.Registered(logger, sessionId, InstanceId, ns.TpRank, layers.Length, nsSpec.ModelId, registration.Geometry.ChunkBytes, registration.Geometry.Fingerprint);
         return new RegisterReply
         {
             RegistrationId = (ulong)registration.Id,

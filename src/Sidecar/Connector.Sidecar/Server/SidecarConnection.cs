@@ -39,7 +39,7 @@ internal sealed class SidecarConnection : IDisposable
         _options = options;
         _logger = logger;
         _copySlots = new SemaphoreSlim(options.MaxInFlightPerConnection, options.MaxInFlightPerConnection);
-        _handler = new RequestHandler(sessionId, cache, counters, options);
+        _handler = new RequestHandler(sessionId, cache, counters, options, logger);
     }
 
     public long SessionId { get; }

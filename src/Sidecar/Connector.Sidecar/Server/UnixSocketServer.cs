@@ -97,10 +97,10 @@ internal sealed class UnixSocketServer(
         }
 
         // Each connection thread drains its in-flight copies (bounded by ShutdownTimeout) and exits.
-        DateTime deadline = DateTime.UtcNow + _options.ShutdownTimeout + TimeSpan.FromSeconds(1);
+        DateTimeOffset deadline = time.GetUtcNow() + _options.ShutdownTimeout + TimeSpan.FromSeconds(1);
         foreach (Thread thread in _threads.Values)
         {
-            TimeSpan left = deadline - DateTime.UtcNow;
+            TimeSpan left = deadline - time.GetUtcNow();
             thread.Join(left > TimeSpan.Zero ? left : TimeSpan.Zero);
         }
 
