@@ -19,8 +19,10 @@ internal static class LookupLatencyBenchmark
     public static IReadOnlyDictionary<string, double> Run(int iterations)
     {
         var figures = new Dictionary<string, double>();
-        using (var sidecar = SidecarProcess.Start())
-        using (var engine = TestPool.StartEngine())
+        using Process? redis = StartRedis(out int port);
+        using var sidecar = SidecarProcess.Start();
+        using var engine = TestPool.StartEngine();
+        try
         {
             engine.Command("fill 1");
             using var worker = SidecarClient.Connect(sidecar.SocketPath, "bench", "worker");
@@ -33,91 +35,99 @@ internal static class LookupLatencyBenchmark
             uint[] tokens = TestPool.Tokens(32 * 1024, 1);
             int chunks = tokens.Length / ChunkTokens;
             worker.Call<StoreReply>(Opcode.Store, TestPool.Store(tokens, 0, chunks, Enumerable.Range(0, chunks * BlocksPerChunk).Select(b => b % TestPool.Blocks).ToArray()));
-            long[] samples = MeasureLookup(scheduler, tokens[..1024], 4, iterations);
-            long[] large = MeasureLookup(scheduler, tokens, chunks, Math.Max(200, iterations / 20));
-            double[] largeUs = Percentiles.Sorted(large);
-            figures["lookup_32k_tokens_p50_us"] = Percentiles.Of(largeUs, 50);
+            LookupRequest small = TestPool.Lookup(tokens[..1024], lease: false);
+            LookupRequest large = TestPool.Lookup(tokens, lease: false);
             var ping = new PingMessage { Nonce = 1 };
-            double[] pingUs = Percentiles.Sorted(Measure(iterations, () => scheduler.Call<PingMessage>(Opcode.Ping, ping)));
-            figures["sidecar_ping_p50_us"] = Percentiles.Of(pingUs, 50);
-            double[] us = Percentiles.Sorted(samples);
-            figures["lookup_p50_us"] = Percentiles.Of(us, 50);
-            figures["lookup_p99_us"] = Percentiles.Of(us, 99);
-        }
-
-        using Process? redis = StartRedis(out int port);
-        if (redis is null)
-        {
-            figures["redis_ping_p50_us"] = double.NaN;
-            return figures;
-        }
-
-        try
-        {
-            using var socket = new System.Net.Sockets.Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
-            socket.Connect(new IPEndPoint(IPAddress.Loopback, port));
-            byte[] ping = "PING\r\n"u8.ToArray();
+            using System.Net.Sockets.Socket? redisSocket = redis is null ? null : ConnectRedis(port);
+            byte[] redisPing = "PING\r\n"u8.ToArray();
             byte[] pong = new byte[7];
-            long[] samples = Measure(iterations, () =>
+
+            // Interleaved, so that every series sees the same noise from the rest of the machine.
+            var series = new List<(string Name, Action Call, long[] Samples)>
             {
-                socket.Send(ping);
-                for (int n = 0; n < pong.Length;)
+                ("lookup", () => Expect(scheduler.Call<LookupReply>(Opcode.Lookup, small), 4), new long[iterations]),
+                ("sidecar_ping", () => scheduler.Call<PingMessage>(Opcode.Ping, ping), new long[iterations]),
+            };
+            if (redisSocket is not null)
+            {
+                series.Add(("redis_ping", () =>
                 {
-                    n += socket.Receive(pong.AsSpan(n));
-                }
-            });
-            double[] us = Percentiles.Sorted(samples);
-            figures["redis_ping_p50_us"] = Percentiles.Of(us, 50);
-            figures["redis_ping_p99_us"] = Percentiles.Of(us, 99);
-            figures["lookup_p50_over_redis_p50"] = figures["lookup_p50_us"] / figures["redis_ping_p50_us"];
-            double? toolP50 = RedisBenchmarkP50(port, iterations);
-            if (toolP50 is double p50)
+                    redisSocket.Send(redisPing);
+                    for (int n = 0; n < pong.Length;)
+                    {
+                        n += redisSocket.Receive(pong.AsSpan(n));
+                    }
+                }, new long[iterations]));
+            }
+
+            for (int i = -Math.Min(2000, iterations); i < iterations; i++)
             {
-                figures["redis_benchmark_ping_p50_us"] = p50;
+                foreach (var (_, call, samples) in series)
+                {
+                    long start = Stopwatch.GetTimestamp();
+                    call();
+                    if (i >= 0)
+                    {
+                        samples[i] = Stopwatch.GetTimestamp() - start;
+                    }
+                }
+            }
+
+            foreach (var (name, _, samples) in series)
+            {
+                double[] us = Percentiles.Sorted(samples);
+                figures[$"{name}_p50_us"] = Percentiles.Of(us, 50);
+                figures[$"{name}_p99_us"] = Percentiles.Of(us, 99);
+            }
+
+            long[] largeSamples = new long[Math.Max(200, iterations / 20)];
+            for (int i = 0; i < largeSamples.Length; i++)
+            {
+                long start = Stopwatch.GetTimestamp();
+                Expect(scheduler.Call<LookupReply>(Opcode.Lookup, large), chunks);
+                largeSamples[i] = Stopwatch.GetTimestamp() - start;
+            }
+
+            figures["lookup_32k_tokens_p50_us"] = Percentiles.Of(Percentiles.Sorted(largeSamples), 50);
+            if (redisSocket is not null)
+            {
+                figures["lookup_p50_over_redis_p50"] = figures["lookup_p50_us"] / figures["redis_ping_p50_us"];
+                figures["sidecar_ping_p50_over_redis_p50"] = figures["sidecar_ping_p50_us"] / figures["redis_ping_p50_us"];
+                if (RedisBenchmarkP50(port, iterations) is double toolP50)
+                {
+                    figures["redis_benchmark_ping_p50_us"] = toolP50;
+                }
             }
         }
         finally
         {
-            redis.Kill();
-            redis.WaitForExit();
+            if (redis is not null)
+            {
+                redis.Kill();
+                redis.WaitForExit();
+            }
         }
 
         return figures;
     }
 
+    private static void Expect(LookupReply reply, int chunks)
+    {
+        if (reply.HitChunks != chunks)
+        {
+            throw new InvalidOperationException($"lookup found {reply.HitChunks} of {chunks} chunks");
+        }
+    }
+
+    private static System.Net.Sockets.Socket ConnectRedis(int port)
+    {
+        var socket = new System.Net.Sockets.Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
+        socket.Connect(new IPEndPoint(IPAddress.Loopback, port));
+        return socket;
+    }
+
     private const int ChunkTokens = 256;
     private const int BlocksPerChunk = ChunkTokens / TestPool.BlockTokens;
-
-    private static long[] MeasureLookup(SidecarClient scheduler, uint[] tokens, int expectedChunks, int iterations)
-    {
-        LookupRequest request = TestPool.Lookup(tokens, lease: false);
-        return Measure(iterations, () =>
-        {
-            LookupReply r = scheduler.Call<LookupReply>(Opcode.Lookup, request);
-            if (r.HitChunks != expectedChunks)
-            {
-                throw new InvalidOperationException($"lookup found {r.HitChunks} of {expectedChunks} chunks");
-            }
-        });
-    }
-
-    private static long[] Measure(int iterations, Action call)
-    {
-        for (int i = 0; i < Math.Min(2000, iterations); i++)
-        {
-            call();
-        }
-
-        long[] samples = new long[iterations];
-        for (int i = 0; i < iterations; i++)
-        {
-            long start = Stopwatch.GetTimestamp();
-            call();
-            samples[i] = Stopwatch.GetTimestamp() - start;
-        }
-
-        return samples;
-    }
 
     private static Process? StartRedis(out int port)
     {

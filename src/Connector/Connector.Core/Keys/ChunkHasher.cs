@@ -14,6 +14,9 @@ public static class ChunkHasher
     [ThreadStatic]
     private static IncrementalHash? t_sha256;
 
+    [ThreadStatic]
+    private static byte[]? t_input;
+
     static ChunkHasher()
     {
         if (!BitConverter.IsLittleEndian)
@@ -52,14 +55,27 @@ public static class ChunkHasher
             return 0;
         }
 
-        Span<byte> digest = stackalloc byte[ChunkKey.Size];
-        IncrementalHash sha = t_sha256 ??= IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        IncrementalHash? sha = Sha256Native.IsAvailable ? null : (t_sha256 ??= IncrementalHash.CreateHash(HashAlgorithmName.SHA256));
+
+        // The previous key and the chunk's tokens are hashed as one contiguous input: one append and
+        // one finish per chunk (each is a call into OpenSSL, which costs as much as hashing 1 KiB).
+        int inputBytes = ChunkKey.Size + chunkBytes;
+        byte[] input = t_input is { } cached && cached.Length >= inputBytes ? cached : (t_input = new byte[Math.Max(inputBytes, 4096)]);
+        Span<byte> buffer = input.AsSpan(0, inputBytes);
+        Span<byte> digest = buffer[..ChunkKey.Size];
         root.CopyTo(digest);
         for (int i = 0; i < count; i++)
         {
-            sha.AppendData(digest);
-            sha.AppendData(tokensU32Le.Slice(i * chunkBytes, chunkBytes));
-            sha.GetHashAndReset(digest);
+            tokensU32Le.Slice(i * chunkBytes, chunkBytes).CopyTo(buffer[ChunkKey.Size..]);
+            if (sha is null)
+            {
+                Sha256Native.Hash(buffer, digest);
+            }
+            else
+            {
+                sha.AppendData(buffer);
+                sha.GetHashAndReset(digest);
+            }
             keys[i] = new ChunkKey(digest);
         }
 
