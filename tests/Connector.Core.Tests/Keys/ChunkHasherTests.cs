@@ -135,3 +135,24 @@ public sealed class ChunkHasherTests
         Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
     }
 }
+
+public sealed class Sha256NativeTests
+{
+    [Theory]
+    [InlineData(0)]
+    [InlineData(1)]
+    [InlineData(55)]
+    [InlineData(56)]
+    [InlineData(64)]
+    [InlineData(1056)]
+    [InlineData(65_568)]
+    public void Hash_MatchesDotnetSha256(int length)
+    {
+        Assert.True(Sha256Native.IsAvailable, "libcrypto's low-level SHA-256 should bind on Linux");
+        byte[] input = new byte[length];
+        new Random(length).NextBytes(input);
+        byte[] digest = new byte[32];
+        Sha256Native.Hash(input, digest);
+        Assert.Equal(System.Security.Cryptography.SHA256.HashData(input), digest);
+    }
+}
