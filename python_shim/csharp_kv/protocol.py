@@ -141,8 +141,8 @@ def lookup(request_id: str, cache_salt: Optional[str], tokens: bytes, lease: boo
 
 
 def store(request_id: str, cache_salt: Optional[str], tokens: bytes, first_chunk: int, num_chunks: int,
-          block_ids: bytes) -> list:
-    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids]
+          block_ids: bytes, deadline_ms: int = 0) -> list:
+    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, deadline_ms]
 
 
 def load(request_id: str, cache_salt: Optional[str], tokens: bytes, first_chunk: int, num_chunks: int,
@@ -156,7 +156,7 @@ def release(lease_id: int, request_id: Optional[str]) -> list:
 
 STATS_FIELDS = ("capacity_bytes", "used_bytes", "chunks", "hits", "misses", "evictions", "stored_chunks",
                 "loaded_chunks", "stored_bytes", "loaded_bytes", "active_leases", "protocol_errors",
-                "copy_errors", "connections", "registrations")
+                "copy_errors", "connections", "registrations", "late_stores")
 
 
 def field(fields: list, index: int, default: Any = None) -> Any:

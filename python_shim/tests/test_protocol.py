@@ -42,7 +42,7 @@ def test_builders_match_the_golden_request_shapes():
     frames = {f["name"]: f for f in _frames()}
     lookup = p.lookup("cmpl-1", "tenant-a", p.tokens_to_bytes([1, 2, 3, 128000, 0xFFFFFFFF]), True)
     assert p.encode_frame(p.Opcode.LOOKUP, 5, lookup).hex() == frames["lookup"]["frame_hex"]
-    store = p.store("cmpl-1", None, p.tokens_to_bytes([5, 6, 7, 8]), 1, 1, p.block_ids_to_bytes([10, 11, 12, 13]))
+    store = p.store("cmpl-1", None, p.tokens_to_bytes([5, 6, 7, 8]), 1, 1, p.block_ids_to_bytes([10, 11, 12, 13]), 10000)
     assert p.encode_frame(p.Opcode.STORE, 6, store).hex() == frames["store"]["frame_hex"]
     hello = p.hello("engine-7f3a", "worker", 1, 4242, engine_kind="vllm", engine_version="0.29.0")
     assert p.encode_frame(p.Opcode.HELLO, 1, hello).hex() == frames["hello"]["frame_hex"]

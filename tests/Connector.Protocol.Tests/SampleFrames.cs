@@ -29,7 +29,7 @@ internal static class SampleFrames
         yield return ("register_reply", Opcode.Register, FrameFlags.Reply, 4, new RegisterReply { RegistrationId = 3, LayoutFingerprint = "0123456789abcdef0123456789abcdef", ChunkBytes = 33554432, BlocksPerChunk = 16 });
         yield return ("lookup", Opcode.Lookup, FrameFlags.None, 5, new LookupRequest { RequestId = "cmpl-1", CacheSalt = "tenant-a", Tokens = WireArrays.FromTokens([1, 2, 3, 128000, uint.MaxValue]), Lease = true });
         yield return ("lookup_reply", Opcode.Lookup, FrameFlags.Reply, 5, new LookupReply { HitTokens = 512, HitChunks = 2, LeaseId = 17, State = LookupState.Ready });
-        yield return ("store", Opcode.Store, FrameFlags.None, 6, new StoreRequest { RequestId = "cmpl-1", CacheSalt = null, Tokens = WireArrays.FromTokens([5, 6, 7, 8]), Keys = null, FirstChunk = 1, NumChunks = 1, BlockIds = WireArrays.FromBlockIds([10, 11, 12, 13]) });
+        yield return ("store", Opcode.Store, FrameFlags.None, 6, new StoreRequest { RequestId = "cmpl-1", CacheSalt = null, Tokens = WireArrays.FromTokens([5, 6, 7, 8]), Keys = null, FirstChunk = 1, NumChunks = 1, BlockIds = WireArrays.FromBlockIds([10, 11, 12, 13]), DeadlineMs = 10000 });
         yield return ("store_reply", Opcode.Store, FrameFlags.Reply, 6, new StoreReply { Stored = 1, AlreadyPresent = 0, Failed = 0 });
         yield return ("load", Opcode.Load, FrameFlags.None, 7, new LoadRequest { RequestId = "cmpl-1", CacheSalt = "tenant-a", Tokens = null, Keys = new byte[32], FirstChunk = 0, NumChunks = 1, BlockIds = WireArrays.FromBlockIds([-1, -1, 4, 5]), LeaseId = 17 });
         yield return ("load_reply", Opcode.Load, FrameFlags.Reply, 7, new LoadReply { LoadedChunks = 1 });
@@ -38,7 +38,7 @@ internal static class SampleFrames
         yield return ("clear", Opcode.Clear, FrameFlags.None, 9, null);
         yield return ("clear_reply", Opcode.Clear, FrameFlags.Reply, 9, new ClearReply { RemovedChunks = 3 });
         yield return ("stats", Opcode.Stats, FrameFlags.None, 10, null);
-        yield return ("stats_reply", Opcode.Stats, FrameFlags.Reply, 10, new StatsReply { CapacityBytes = 1UL << 32, UsedBytes = 1 << 25, Chunks = 1, Hits = 2, Misses = 3, Evictions = 4, StoredChunks = 5, LoadedChunks = 6, StoredBytes = 7, LoadedBytes = 8, ActiveLeases = 9, ProtocolErrors = 10, CopyErrors = 11, Connections = 12, Registrations = 13 });
+        yield return ("stats_reply", Opcode.Stats, FrameFlags.Reply, 10, new StatsReply { CapacityBytes = 1UL << 32, UsedBytes = 1 << 25, Chunks = 1, Hits = 2, Misses = 3, Evictions = 4, StoredChunks = 5, LoadedChunks = 6, StoredBytes = 7, LoadedBytes = 8, ActiveLeases = 9, ProtocolErrors = 10, CopyErrors = 11, Connections = 12, Registrations = 13, LateStores = 14 });
         yield return ("error", Opcode.Load, FrameFlags.Reply | FrameFlags.Error, 11, new ErrorBody { Code = (int)ErrorCode.OutOfRange, Message = "block id 4096 is outside [0, 2048)" });
     }
 

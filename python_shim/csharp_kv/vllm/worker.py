@@ -143,8 +143,11 @@ class WorkerSide:
         if meta is None or not meta.stores:
             return
         started = time.monotonic()
+        # The sidecar discards a copy that ends after we stop waiting: we reuse the blocks then.
+        deadline_ms = int(self.cfg.transfer_timeout_ms)
         futs = [(self.client.submit(p.Opcode.STORE, p.store(op.req_id, op.cache_salt, op.tokens, op.first_chunk,
-                                                            op.num_chunks, op.block_ids)), op) for op in meta.stores]
+                                                            op.num_chunks, op.block_ids, deadline_ms)), op)
+                for op in meta.stores]
         deadline = time.monotonic() + self.cfg.transfer_timeout_ms / 1000
         for fut, op in futs:
             reply = self.client.wait(fut, max(0.0, deadline - time.monotonic()))

@@ -189,3 +189,34 @@ public sealed class KvCacheServiceTests : IDisposable
         Assert.Equal(loadOne, loadEight);
     }
 }
+
+public sealed class KvCacheServiceDeadlineTests : IDisposable
+{
+    private readonly KvCacheService _cache = new(
+        new HostMemoryTier(new HostTierOptions { CapacityBytes = 16L << 20, ExtentBytes = 1L << 20 }, new FakeTimeProvider()),
+        [new HostProcessMemoryProvider()]);
+
+    private readonly InProcessPool _pool = new(layers: 2, blocks: 16);
+
+    public void Dispose()
+    {
+        _cache.Dispose();
+        _pool.Dispose();
+    }
+
+    [Fact]
+    public void Store_CopyEndsAfterEnginesDeadline_DiscardedNotCommitted()
+    {
+        EngineRegistration reg = _cache.Register(1, "i", new NamespaceSpec("m", "bf16", 16, 64, 1, 0, 0, 1), _pool.Layers());
+        uint[] tokens = Enumerable.Range(0, 128).Select(i => (uint)i).ToArray();
+        StoreResult late = _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), commitBefore: 0);
+        Assert.Equal(new StoreResult(0, 0, 2), late);
+        Assert.Equal(0, _cache.GetStats().Chunks);
+        Assert.Equal(1, _cache.GetStats().LateStores);
+        Assert.Equal(0, _cache.Lookup(2, "i", "r", null, tokens, false).HitChunks);
+
+        StoreResult onTime = _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), commitBefore: System.Diagnostics.Stopwatch.GetTimestamp() + System.Diagnostics.Stopwatch.Frequency * 60);
+        Assert.Equal(2, onTime.Stored);
+        Assert.Equal(2, _cache.Lookup(2, "i", "r", null, tokens, false).HitChunks);
+    }
+}

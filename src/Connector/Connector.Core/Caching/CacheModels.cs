@@ -123,4 +123,5 @@ public readonly record struct CacheStats(
     long LoadedBytes,
     long ActiveLeases,
     long CopyErrors,
-    long Registrations);
+    long Registrations,
+    long LateStores);

@@ -25,6 +25,7 @@ public sealed class KvCacheService : IDisposable
     private long _storedBytes;
     private long _loadedBytes;
     private long _copyErrors;
+    private long _lateStores;
 
     /// <summary>Creates the service over a host tier and the engine memory providers this build has.</summary>
     public KvCacheService(HostMemoryTier tier, IEnumerable<IEngineMemoryProvider> providers)
@@ -188,13 +189,15 @@ public sealed class KvCacheService : IDisposable
     /// <param name="firstChunk">Index of the first chunk to store.</param>
     /// <param name="numChunks">How many chunks to store.</param>
     /// <param name="blockIds">numChunks times blocks-per-chunk engine block ids, chunk by chunk.</param>
-    public StoreResult Store(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds)
+    /// <param name="commitBefore">Stopwatch timestamp after which the copies are discarded instead of committed
+    /// (the engine has stopped waiting and may be overwriting the blocks); <see cref="long.MaxValue"/> for none.</param>
+    public StoreResult Store(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, long commitBefore = long.MaxValue)
     {
         ArgumentNullException.ThrowIfNull(registration);
         Acquire(registration);
         try
         {
-            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds);
+            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds, commitBefore);
         }
         finally
         {
@@ -202,7 +205,7 @@ public sealed class KvCacheService : IDisposable
         }
     }
 
-    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds)
+    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, long commitBefore)
     {
         using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: false);
         transfer.ValidateBlockIds();
@@ -236,6 +239,13 @@ public sealed class KvCacheService : IDisposable
             }
 
             ParallelCopier.Run(transfer, indices, addresses, reserved, registration.Memory, toEngine: false, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk);
+            if (System.Diagnostics.Stopwatch.GetTimestamp() > commitBefore)
+            {
+                // Too late: the engine may have reused the blocks while we copied. The finally aborts the slabs.
+                Interlocked.Increment(ref _lateStores);
+                return new StoreResult(0, present, failed + reserved);
+            }
+
             for (int k = 0; k < reserved; k++)
             {
                 _tier.CommitStore(slabs[k]);
@@ -370,7 +380,7 @@ public sealed class KvCacheService : IDisposable
             tier.CapacityBytes, tier.UsedBytes, tier.Chunks, tier.Hits, tier.Misses, tier.Evictions,
             Interlocked.Read(ref _storedChunks), Interlocked.Read(ref _loadedChunks),
             Interlocked.Read(ref _storedBytes), Interlocked.Read(ref _loadedBytes),
-            tier.ActiveLeases, Interlocked.Read(ref _copyErrors), _registrations.Count);
+            tier.ActiveLeases, Interlocked.Read(ref _copyErrors), _registrations.Count, Interlocked.Read(ref _lateStores));
     }
 
     /// <inheritdoc/>

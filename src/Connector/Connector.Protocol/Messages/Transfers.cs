@@ -73,6 +73,10 @@ public sealed class StoreRequest
 
     /// <summary>Engine block ids, i32le, chunk by chunk.</summary>
     [Key(6)] public byte[]? BlockIds { get; set; }
+
+    /// <summary>How long the engine waits for the reply, in milliseconds (0: no limit). A copy that ends
+    /// too close to it is not committed: the engine may already be overwriting those blocks.</summary>
+    [Key(7)] public uint DeadlineMs { get; set; }
 }
 
 /// <summary>The reply to STORE.</summary>
@@ -201,4 +205,7 @@ public sealed class StatsReply
 
     /// <summary>Registrations live now.</summary>
     [Key(14)] public ulong Registrations { get; set; }
+
+    /// <summary>Stores whose copy ended after the engine's deadline and were discarded.</summary>
+    [Key(15)] public ulong LateStores { get; set; }
 }

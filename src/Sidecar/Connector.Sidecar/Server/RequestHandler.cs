@@ -10,7 +10,11 @@ using Microsoft.Extensions.Logging;
 namespace Connector.Sidecar.Server;
 
 /// <summary>A decoded STORE or LOAD waiting for a thread to copy it.</summary>
-internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, string RequestId, string? CacheSalt, byte[]? Tokens, byte[]? Keys, int FirstChunk, int NumChunks, byte[] BlockIds);
+internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, string RequestId, string? CacheSalt, byte[]? Tokens, byte[]? Keys, int FirstChunk, int NumChunks, byte[] BlockIds, uint DeadlineMs = 0)
+{
+    /// <summary>When the request arrived (Stopwatch ticks): the engine's deadline counts from about then.</summary>
+    public long ArrivedAt { get; } = System.Diagnostics.Stopwatch.GetTimestamp();
+}
 
 /// <summary>Turns one connection's decoded requests into calls on the cache and builds the replies.</summary>
 /// <remarks>Holds the connection's HELLO state and registration. Not thread-safe except <see cref="RunCopy"/>.</remarks>
@@ -89,7 +93,7 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
         if (opcode == Opcode.Store)
         {
             StoreRequest s = ProtocolSerializer.Deserialize<StoreRequest>(body);
-            return new CopyJob(opcode, registration, s.RequestId ?? string.Empty, s.CacheSalt, s.Tokens, s.Keys, s.FirstChunk, s.NumChunks, s.BlockIds ?? []);
+            return new CopyJob(opcode, registration, s.RequestId ?? string.Empty, s.CacheSalt, s.Tokens, s.Keys, s.FirstChunk, s.NumChunks, s.BlockIds ?? [], s.DeadlineMs);
         }
 
         LoadRequest l = ProtocolSerializer.Deserialize<LoadRequest>(body);
@@ -108,12 +112,27 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
         ReadOnlySpan<int> blocks = WireArrays.AsBlockIds(job.BlockIds);
         if (job.Opcode == Opcode.Store)
         {
-            StoreResult r = cache.Store(job.Registration, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks);
+            StoreResult r = cache.Store(job.Registration, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, CommitDeadline(job));
             return new StoreReply { Stored = r.Stored, AlreadyPresent = r.AlreadyPresent, Failed = r.Failed };
         }
 
         int loaded = cache.Load(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks);
         return new LoadReply { LoadedChunks = loaded };
+    }
+
+    /// <summary>
+    /// The last moment (Stopwatch ticks) a store may still commit: the engine's deadline minus a margin of a
+    /// tenth (at least 50 ms) for the time the request spent in transit before it arrived.
+    /// </summary>
+    private static long CommitDeadline(CopyJob job)
+    {
+        if (job.DeadlineMs == 0)
+        {
+            return long.MaxValue;
+        }
+
+        double ms = Math.Max(0, job.DeadlineMs - Math.Max(50.0, job.DeadlineMs / 10.0));
+        return job.ArrivedAt + (long)(ms * System.Diagnostics.Stopwatch.Frequency / 1000);
     }
 
     private HelloReply Hello(HelloRequest hello)
@@ -210,6 +229,7 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
             CopyErrors = (ulong)s.CopyErrors,
             Connections = (ulong)counters.Connections,
             Registrations = (ulong)s.Registrations,
+            LateStores = (ulong)s.LateStores,
         };
     }
 }
