@@ -188,3 +188,20 @@ def test_one_round_trip_per_request_for_lookup_load_and_store(engine_factory):
     assert w["loads"] == 4
     assert w["stores"] == 4  # the warm requests add no new full chunk
     assert e.mismatches == []
+
+
+def test_local_prefix_cache_and_sidecar_split_a_chunk(engine_factory):
+    # The engine's own prefix cache keeps the head of the prompt, the sidecar serves the rest: the
+    # LOAD names the chunk that straddles both, with -1 for the blocks vLLM already holds.
+    e = engine_factory(num_blocks=30, enable_prefix_caching=True)
+    a = prompt(300, 30)
+    run_requests(e, [("a", a, {})])
+    run_requests(e, [("c", prompt(250, 31), {})])  # reuses (evicts) the cached blocks of a's tail
+    local_before, ext_before = e.scheduler.local_tokens, e.scheduler.external_tokens
+    run_requests(e, [("b", a, {})])
+    local = e.scheduler.local_tokens - local_before
+    ext = e.scheduler.external_tokens - ext_before
+    assert 0 < local < 256, f"the local prefix cache should hold only the head of the prompt (held {local})"
+    assert local + ext == 256
+    assert ext % 16 == 0 and ext > 0
+    assert e.mismatches == []
