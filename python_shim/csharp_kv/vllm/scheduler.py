@@ -162,12 +162,14 @@ class SchedulerSide:
             self._plan_store(st, meta)
         cached = so.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None) or ()
+        # Before resumed_req_ids, vLLM flagged resumed requests with a parallel list of booleans.
+        resumed_flags = getattr(cached, "resumed_from_preemption", None)
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
             if st is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if req_id in resumed:
+            if req_id in resumed or (resumed_flags is not None and resumed_flags[i]):
                 st.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids is not None:
                 st.block_ids.extend(new_ids[0])
