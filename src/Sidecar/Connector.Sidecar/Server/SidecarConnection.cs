@@ -257,8 +257,15 @@ internal sealed class SidecarConnection : IDisposable
         }
         finally
         {
-            _copySlots.Release();
-            _inFlight.Signal();
+            try
+            {
+                _copySlots.Release();
+                _inFlight.Signal();
+            }
+            catch (Exception ex) when (ex is ObjectDisposedException or InvalidOperationException)
+            {
+                // The connection gave up waiting for this copy (shutdown timeout) and is gone.
+            }
         }
     }
 
