@@ -303,3 +303,29 @@ public sealed class HostMemoryTierTests
         Assert.Throws<ArgumentException>(() => new HostMemoryTier(new HostTierOptions { LeaseTtl = TimeSpan.Zero }, _time));
     }
 }
+
+public sealed class HostMemoryTierDisposeTests
+{
+    [Fact]
+    public void Dispose_WhileAChunkIsPinned_KeepsItsMemoryReadable()
+    {
+        // A 1 MiB extent is mmapped by the allocator: read after a free would fault, not return stale bytes.
+        var tier = new HostMemoryTier(new HostTierOptions { CapacityBytes = 4 << 20, ExtentBytes = 1 << 20 }, new FakeTimeProvider());
+        Span<byte> keyBytes = stackalloc byte[32];
+        keyBytes[0] = 7;
+        var key = new ChunkKey(keyBytes);
+        Assert.Equal(StoreBegin.Reserved, tier.TryBeginStore(key, ChunkKey.None, 4096, out SlabRef slab));
+        unsafe
+        {
+            new Span<byte>((void*)slab.Address, 4096).Fill(0x42);
+        }
+
+        tier.CommitStore(slab);
+        Assert.True(tier.TryPinForRead(key, out SlabRef pinned));
+        tier.Dispose();
+        unsafe
+        {
+            Assert.All(new Span<byte>((void*)pinned.Address, 4096).ToArray(), b => Assert.Equal(0x42, b));
+        }
+    }
+}

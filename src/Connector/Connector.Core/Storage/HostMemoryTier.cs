@@ -239,6 +239,17 @@ public sealed partial class HostMemoryTier : IDisposable
             }
 
             _leases.Clear();
+
+            // A copy still running into or out of a slab (a shutdown that gave up waiting for it) must
+            // never touch freed memory: then the extents are left to the process's exit.
+            for (int e = 0; e < _entryCount; e++)
+            {
+                if (_entries[e].Pins > 0 || _entries[e].State == EntryState.Reserved)
+                {
+                    return;
+                }
+            }
+
             _arena.Dispose();
         }
     }
