@@ -30,7 +30,7 @@ class ShimConfig:
     - ``lookup_wait_ms``: how long a scheduler lookup may wait for its answer before saying "not yet" (default 5).
     - ``lookup_timeout_ms``: after this a lookup counts as a miss (default 1000).
     - ``transfer_timeout_ms``: the most a load or store may take before it counts as failed (default 10000).
-    - ``connect_timeout_ms``, ``retry_interval_ms``: connection set-up and reconnect backoff (250, 1000).
+    - ``connect_timeout_ms``, ``retry_interval_ms``: connection set-up and reconnect backoff (500, 1000).
     - ``async_load``: load in the background while the request waits (WAITING_FOR_REMOTE_KVS) (default false).
     - ``model_id``, ``kv_dtype``: namespace overrides (default: the model name and the KV cache dtype).
     - ``store_output``: also cache chunks of generated tokens (default true).
@@ -41,7 +41,7 @@ class ShimConfig:
     lookup_wait_ms: float = 5.0
     lookup_timeout_ms: float = 1000.0
     transfer_timeout_ms: float = 10000.0
-    connect_timeout_ms: float = 250.0
+    connect_timeout_ms: float = 500.0
     retry_interval_ms: float = 1000.0
     async_load: bool = False
     model_id: Optional[str] = None
@@ -97,7 +97,7 @@ class ShimConfig:
             lookup_wait_ms=number("lookup_wait_ms", 5.0, 0.0),
             lookup_timeout_ms=number("lookup_timeout_ms", 1000.0, 1.0),
             transfer_timeout_ms=number("transfer_timeout_ms", 10000.0, 1.0),
-            connect_timeout_ms=number("connect_timeout_ms", 250.0, 1.0),
+            connect_timeout_ms=number("connect_timeout_ms", 500.0, 1.0),
             retry_interval_ms=number("retry_interval_ms", 1000.0, 1.0),
             async_load=flag("async_load", False),
             model_id=extra.get("model_id"),

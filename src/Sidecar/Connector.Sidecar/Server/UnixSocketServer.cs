@@ -38,6 +38,7 @@ internal sealed class UnixSocketServer(
 
     public Task StartAsync(CancellationToken cancellationToken)
     {
+        Connector.Protocol.ProtocolSerializer.Warm();
         string path = _options.ResolveSocketPath();
         string? directory = Path.GetDirectoryName(path);
         if (!string.IsNullOrEmpty(directory) && !Directory.Exists(directory))
