@@ -48,6 +48,8 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 13
     INTERNAL = 14
     UNSUPPORTED = 15
+    PERMISSION_DENIED = 16
+    LIMIT_EXCEEDED = 17
 
 
 class LookupState(enum.IntEnum):
@@ -141,13 +143,15 @@ def lookup(request_id: str, cache_salt: Optional[str], tokens: bytes, lease: boo
 
 
 def store(request_id: str, cache_salt: Optional[str], tokens: bytes, first_chunk: int, num_chunks: int,
-          block_ids: bytes, deadline_ms: int = 0) -> list:
-    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, deadline_ms]
+          block_ids: bytes, deadline_ms: int = 0, deadline_ns: int = 0) -> list:
+    """``deadline_ns``: the absolute ``time.monotonic_ns()`` at which the engine stops waiting (0: none)."""
+    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, deadline_ms, deadline_ns]
 
 
 def load(request_id: str, cache_salt: Optional[str], tokens: bytes, first_chunk: int, num_chunks: int,
-         block_ids: bytes, lease_id: int = 0) -> list:
-    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, lease_id]
+         block_ids: bytes, lease_id: int = 0, deadline_ns: int = 0) -> list:
+    """``deadline_ns``: the absolute ``time.monotonic_ns()`` after which no byte may be written (0: none)."""
+    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, lease_id, deadline_ns]
 
 
 def release(lease_id: int, request_id: Optional[str]) -> list:
@@ -156,7 +160,8 @@ def release(lease_id: int, request_id: Optional[str]) -> list:
 
 STATS_FIELDS = ("capacity_bytes", "used_bytes", "chunks", "hits", "misses", "evictions", "stored_chunks",
                 "loaded_chunks", "stored_bytes", "loaded_bytes", "active_leases", "protocol_errors",
-                "copy_errors", "connections", "registrations", "late_stores")
+                "copy_errors", "connections", "registrations", "late_stores", "late_loads", "permission_denied",
+                "limits_exceeded", "dropped_connections")
 
 
 def field(fields: list, index: int, default: Any = None) -> Any:

@@ -92,4 +92,10 @@ public enum ErrorCode
 
     /// <summary>A valid request for something this build does not do.</summary>
     Unsupported = 15,
+
+    /// <summary>The connecting process may not do this: foreign memory, another owner's instance or lease, or an administrative request from a non-administrator.</summary>
+    PermissionDenied = 16,
+
+    /// <summary>A configured bound was hit (tokens, chunk geometry, salt or id length, leases per connection); the message names the setting.</summary>
+    LimitExceeded = 17,
 }

@@ -77,6 +77,10 @@ public sealed class StoreRequest
     /// <summary>How long the engine waits for the reply, in milliseconds (0: no limit). A copy that ends
     /// too close to it is not committed: the engine may already be overwriting those blocks.</summary>
     [Key(7)] public uint DeadlineMs { get; set; }
+
+    /// <summary>The engine's deadline as an absolute CLOCK_MONOTONIC time in nanoseconds (0: none). Copies stop
+    /// at it and nothing copied after it is committed. Takes precedence over <see cref="DeadlineMs"/>.</summary>
+    [Key(8)] public ulong DeadlineNs { get; set; }
 }
 
 /// <summary>The reply to STORE.</summary>
@@ -120,6 +124,10 @@ public sealed class LoadRequest
 
     /// <summary>The lease from LOOKUP, or 0.</summary>
     [Key(7)] public ulong LeaseId { get; set; }
+
+    /// <summary>The engine's deadline as an absolute CLOCK_MONOTONIC time in nanoseconds (0: none). No byte is
+    /// written into engine memory after it: the engine reuses the blocks once it stops waiting.</summary>
+    [Key(8)] public ulong DeadlineNs { get; set; }
 }
 
 /// <summary>The reply to LOAD.</summary>
@@ -208,4 +216,16 @@ public sealed class StatsReply
 
     /// <summary>Stores whose copy ended after the engine's deadline and were discarded.</summary>
     [Key(15)] public ulong LateStores { get; set; }
+
+    /// <summary>Loads stopped at their deadline (the chunks after it were not written).</summary>
+    [Key(16)] public ulong LateLoads { get; set; }
+
+    /// <summary>Requests refused with PermissionDenied.</summary>
+    [Key(17)] public ulong PermissionDenied { get; set; }
+
+    /// <summary>Requests refused with LimitExceeded.</summary>
+    [Key(18)] public ulong LimitsExceeded { get; set; }
+
+    /// <summary>Connections the sidecar closed: no HELLO in time, a reader that stopped reading, or a failed connection.</summary>
+    [Key(19)] public ulong DroppedConnections { get; set; }
 }
