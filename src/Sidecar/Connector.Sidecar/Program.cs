@@ -1,7 +1,7 @@
 using Connector.Core.Caching;
 using Connector.Core.Memory;
 using Connector.Core.Storage;
-using Connector.Sidecar.Server;
+using Connector.Server;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -27,6 +27,18 @@ internal static class Program
 
     public static async Task<int> Main(string[] args)
     {
+        if (args.Any(a => a is "--help" or "-h" or "-?"))
+        {
+            await Console.Out.WriteAsync(Usage);
+            return 0;
+        }
+
+        if (args.Any(a => a is "--version" or "-V"))
+        {
+            await Console.Out.WriteLineAsync($"kvsidecar {Version}");
+            return 0;
+        }
+
         try
         {
             using IHost host = Build(args);
@@ -44,6 +56,29 @@ internal static class Program
             return 1;
         }
     }
+
+    private static string Version =>
+        typeof(Program).Assembly.GetCustomAttributes(typeof(System.Reflection.AssemblyInformationalVersionAttribute), false)
+            .OfType<System.Reflection.AssemblyInformationalVersionAttribute>().FirstOrDefault()?.InformationalVersion ?? "0";
+
+    private const string Usage = """
+        kvsidecar: a KV-cache sidecar for LLM inference engines (vLLM).
+
+        Usage: kvsidecar [options]
+
+          --socket PATH            Unix socket path (default $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/kvsidecar or /run/kvsidecar, /sidecar.sock)
+          --socket-mode MODE       socket file mode, octal (default 0660; never world-writable)
+          --capacity-bytes N       bytes of host memory for cached KV (default 4 GiB)
+          --extent-bytes N         bytes of one native allocation carved into slabs (default 256 MiB)
+          --lease-ttl HH:MM:SS     how long a lookup's lease protects its chunks (default 00:01:00)
+          --max-frame-bytes N      largest request frame (default 64 MiB, at most 1 GiB)
+          --config FILE            a JSON settings file ({"Sidecar": {...}})
+          --Sidecar:NAME=VALUE     any setting, e.g. --Sidecar:HelloTimeout=00:00:05, --Sidecar:MaxSaltBytes=256
+          --help, --version        print this text or the version, and exit
+
+        Every setting can also come from KVSIDECAR_Sidecar__NAME environment variables. See README.md and docs/security.md.
+
+        """;
 
     /// <summary>Builds the host: config file, KVSIDECAR_ environment variables and flags, validated options, the cache and the socket server.</summary>
     internal static IHost Build(string[] args)
@@ -84,7 +119,12 @@ internal static class Program
             return new HostMemoryTier(tierOptions, sp.GetRequiredService<TimeProvider>());
         });
         builder.Services.AddSingleton<IEngineMemoryProvider, HostProcessMemoryProvider>();
-        builder.Services.AddSingleton(sp => new KvCacheService(sp.GetRequiredService<HostMemoryTier>(), sp.GetServices<IEngineMemoryProvider>()));
+        builder.Services.AddSingleton(sp => new CopyThreads(sp.GetRequiredService<IOptions<SidecarOptions>>().Value.CopyThreads, "kvsidecar-copy"));
+        builder.Services.AddSingleton(sp => new KvCacheService(
+            sp.GetRequiredService<HostMemoryTier>(),
+            sp.GetServices<IEngineMemoryProvider>(),
+            sp.GetRequiredService<IOptions<SidecarOptions>>().Value.ToCacheLimits(),
+            sp.GetRequiredService<CopyThreads>()));
         builder.Services.AddHostedService<UnixSocketServer>();
         return builder.Build();
     }

@@ -39,8 +39,8 @@ public sealed class KvCacheServiceTests : IDisposable
         int[] to = [20, 21, 22, 23, 4, 5, 6, 7];
         byte[][] expected = Enumerable.Range(0, 3).SelectMany(l => from.Select(b => _pool.Block(l, b).ToArray())).ToArray();
 
-        Assert.Equal(new StoreResult(2, 0, 0), _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 2, from));
-        Assert.Equal(2, _cache.Load(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 2, to));
+        Assert.Equal(new StoreResult(2, 0, 0), _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 2, from, CopyDeadline.None));
+        Assert.Equal(2, _cache.Load(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 2, to, CopyDeadline.None));
 
         byte[][] actual = Enumerable.Range(0, 3).SelectMany(l => to.Select(b => _pool.Block(l, b).ToArray())).ToArray();
         Assert.Equal(expected, actual);
@@ -51,8 +51,8 @@ public sealed class KvCacheServiceTests : IDisposable
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
         uint[] tokens = Tokens(3 * ChunkTokens + 5, 2);
-        _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3]);
-        _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 2, 1, [8, 9, 10, 11]);
+        _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3], CopyDeadline.None);
+        _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 2, 1, [8, 9, 10, 11], CopyDeadline.None);
 
         LookupResult r = _cache.Lookup(2, "i", "r", null, tokens, lease: false);
         Assert.Equal(1, r.HitChunks);
@@ -64,7 +64,7 @@ public sealed class KvCacheServiceTests : IDisposable
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
         uint[] tokens = Tokens(ChunkTokens, 3);
-        _cache.Store(reg, "a", ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3]);
+        _cache.Store(reg, "r", "a", ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3], CopyDeadline.None);
         Assert.Equal(1, _cache.Lookup(2, "i", "r", "a", tokens, false).HitChunks);
         Assert.Equal(0, _cache.Lookup(2, "i", "r", "b", tokens, false).HitChunks);
         Assert.Equal(0, _cache.Lookup(2, "i", "r", null, tokens, false).HitChunks);
@@ -75,14 +75,14 @@ public sealed class KvCacheServiceTests : IDisposable
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
         uint[] tokens = Tokens(ChunkTokens, 4);
-        _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3]);
+        _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3], CopyDeadline.None);
         LookupResult r = _cache.Lookup(2, "i", "req", null, tokens, lease: true);
         Assert.NotEqual(0UL, r.LeaseId);
 
         Assert.Equal(0, _cache.Clear());
-        Assert.Equal(1, _cache.Load(reg, "req", null, ChunkSource.FromTokens(tokens), 0, 1, [4, 5, 6, 7]));
+        Assert.Equal(1, _cache.Load(reg, "req", null, ChunkSource.FromTokens(tokens), 0, 1, [4, 5, 6, 7], CopyDeadline.None));
         Assert.Equal(1, _cache.Clear());
-        Assert.Throws<CacheException>(() => _cache.Release(r.LeaseId));
+        Assert.Throws<CacheException>(() => _cache.Release(r.LeaseId, "i"));
     }
 
     [Fact]
@@ -90,7 +90,7 @@ public sealed class KvCacheServiceTests : IDisposable
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
         uint[] tokens = Tokens(ChunkTokens, 6);
-        _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3]);
+        _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3], CopyDeadline.None);
         _cache.Lookup(2, "i", "req", null, tokens, lease: true);
         Assert.Equal(0, _cache.Clear());
         _time.Advance(TimeSpan.FromSeconds(31));
@@ -103,13 +103,13 @@ public sealed class KvCacheServiceTests : IDisposable
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
         uint[] tokens = Tokens(ChunkTokens, 7);
-        _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3]);
+        _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3], CopyDeadline.None);
         _cache.Lookup(2, "i", "req", null, tokens, lease: true);
         _cache.OnSessionClosed(2);
         Assert.Equal(1, _cache.Clear());
         _cache.OnSessionClosed(1);
         Assert.Equal(LookupOutcome.NotRegistered, _cache.Lookup(2, "i", "r", null, tokens, false).State);
-        Assert.Throws<CacheException>(() => _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3]));
+        Assert.Throws<CacheException>(() => _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [0, 1, 2, 3], CopyDeadline.None));
     }
 
     [Fact]
@@ -119,9 +119,9 @@ public sealed class KvCacheServiceTests : IDisposable
         EngineRegistration r0 = _cache.Register(1, "tp", Ns(2, 0), _pool.Layers());
         EngineRegistration r1 = _cache.Register(3, "tp", Ns(2, 1), other.Layers());
         uint[] tokens = Tokens(3 * ChunkTokens, 8);
-        _cache.Store(r0, null, ChunkSource.FromTokens(tokens), 0, 3, Enumerable.Range(0, 12).ToArray());
+        _cache.Store(r0, "r", null, ChunkSource.FromTokens(tokens), 0, 3, Enumerable.Range(0, 12).ToArray(), CopyDeadline.None);
         Assert.Equal(0, _cache.Lookup(2, "tp", "r", null, tokens, false).HitChunks);
-        _cache.Store(r1, null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray());
+        _cache.Store(r1, "r", null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), CopyDeadline.None);
         Assert.Equal(2, _cache.Lookup(2, "tp", "r", null, tokens, false).HitChunks);
     }
 
@@ -131,7 +131,7 @@ public sealed class KvCacheServiceTests : IDisposable
     public void Store_BlockIdOutOfRange_Throws(int[] blocks)
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
-        var ex = Assert.Throws<CacheException>(() => _cache.Store(reg, null, ChunkSource.FromTokens(Tokens(ChunkTokens, 9)), 0, 1, blocks));
+        var ex = Assert.Throws<CacheException>(() => _cache.Store(reg, "r", null, ChunkSource.FromTokens(Tokens(ChunkTokens, 9)), 0, 1, blocks, CopyDeadline.None));
         Assert.Equal(CacheError.OutOfRange, ex.Code);
         Assert.Equal(0, _cache.GetStats().Chunks);
     }
@@ -140,8 +140,8 @@ public sealed class KvCacheServiceTests : IDisposable
     public void Store_TooFewTokensOrBlockIds_BadRequest()
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
-        Assert.Equal(CacheError.BadRequest, Assert.Throws<CacheException>(() => _cache.Store(reg, null, ChunkSource.FromTokens(Tokens(ChunkTokens - 1, 1)), 0, 1, [0, 1, 2, 3])).Code);
-        Assert.Equal(CacheError.BadRequest, Assert.Throws<CacheException>(() => _cache.Store(reg, null, ChunkSource.FromTokens(Tokens(ChunkTokens, 1)), 0, 1, [0, 1, 2])).Code);
+        Assert.Equal(CacheError.BadRequest, Assert.Throws<CacheException>(() => _cache.Store(reg, "r", null, ChunkSource.FromTokens(Tokens(ChunkTokens - 1, 1)), 0, 1, [0, 1, 2, 3], CopyDeadline.None)).Code);
+        Assert.Equal(CacheError.BadRequest, Assert.Throws<CacheException>(() => _cache.Store(reg, "r", null, ChunkSource.FromTokens(Tokens(ChunkTokens, 1)), 0, 1, [0, 1, 2], CopyDeadline.None)).Code);
     }
 
     [Fact]
@@ -174,17 +174,17 @@ public sealed class KvCacheServiceTests : IDisposable
         for (uint s = 0; s < 20; s++)
         {
             uint[] warm = Tokens(8 * ChunkTokens, 1000 + s);
-            _cache.Store(reg, null, ChunkSource.FromTokens(warm), 0, 8, blocks);
-            _cache.Load(reg, "w", null, ChunkSource.FromTokens(warm), 0, 8, blocks);
+            _cache.Store(reg, "r", null, ChunkSource.FromTokens(warm), 0, 8, blocks, CopyDeadline.None);
+            _cache.Load(reg, "w", null, ChunkSource.FromTokens(warm), 0, 8, blocks, CopyDeadline.None);
         }
 
         _cache.Clear();
         uint[] one = Tokens(ChunkTokens, 1);
         uint[] eight = Tokens(8 * ChunkTokens, 2);
-        long storeOne = Allocated(() => _cache.Store(reg, null, ChunkSource.FromTokens(one), 0, 1, blocks.AsSpan(0, 4)));
-        long storeEight = Allocated(() => _cache.Store(reg, null, ChunkSource.FromTokens(eight), 0, 8, blocks));
-        long loadOne = Allocated(() => _cache.Load(reg, "a", null, ChunkSource.FromTokens(one), 0, 1, blocks.AsSpan(0, 4)));
-        long loadEight = Allocated(() => _cache.Load(reg, "b", null, ChunkSource.FromTokens(eight), 0, 8, blocks));
+        long storeOne = Allocated(() => _cache.Store(reg, "r", null, ChunkSource.FromTokens(one), 0, 1, blocks.AsSpan(0, 4), CopyDeadline.None));
+        long storeEight = Allocated(() => _cache.Store(reg, "r", null, ChunkSource.FromTokens(eight), 0, 8, blocks, CopyDeadline.None));
+        long loadOne = Allocated(() => _cache.Load(reg, "a", null, ChunkSource.FromTokens(one), 0, 1, blocks.AsSpan(0, 4), CopyDeadline.None));
+        long loadEight = Allocated(() => _cache.Load(reg, "b", null, ChunkSource.FromTokens(eight), 0, 8, blocks, CopyDeadline.None));
         Assert.Equal(storeOne, storeEight);
         Assert.Equal(loadOne, loadEight);
     }
@@ -209,13 +209,13 @@ public sealed class KvCacheServiceDeadlineTests : IDisposable
     {
         EngineRegistration reg = _cache.Register(1, "i", new NamespaceSpec("m", "bf16", 16, 64, 1, 0, 0, 1), _pool.Layers());
         uint[] tokens = Enumerable.Range(0, 128).Select(i => (uint)i).ToArray();
-        StoreResult late = _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), commitBefore: 0);
+        StoreResult late = _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), new CopyDeadline(0, CancellationToken.None));
         Assert.Equal(new StoreResult(0, 0, 2), late);
         Assert.Equal(0, _cache.GetStats().Chunks);
         Assert.Equal(1, _cache.GetStats().LateStores);
         Assert.Equal(0, _cache.Lookup(2, "i", "r", null, tokens, false).HitChunks);
 
-        StoreResult onTime = _cache.Store(reg, null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), commitBefore: System.Diagnostics.Stopwatch.GetTimestamp() + System.Diagnostics.Stopwatch.Frequency * 60);
+        StoreResult onTime = _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens), 0, 2, Enumerable.Range(0, 8).ToArray(), CopyDeadline.After(TimeSpan.FromSeconds(60)));
         Assert.Equal(2, onTime.Stored);
         Assert.Equal(2, _cache.Lookup(2, "i", "r", null, tokens, false).HitChunks);
     }

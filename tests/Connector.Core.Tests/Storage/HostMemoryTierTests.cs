@@ -8,10 +8,17 @@ namespace Connector.Core.Tests.Storage;
 public sealed class HostMemoryTierTests
 {
     private const long Chunk = 4096;
+
+    /// <summary>
+    /// Room for the tier's own metadata, which the budget counts: up to 16 entries (about 140 bytes each) and an
+    /// index of up to 17 slots need about 3.1 KiB. Less than a chunk, so it never holds an extra chunk.
+    /// </summary>
+    private const long MetadataHeadroom = 3584;
+
     private readonly FakeTimeProvider _time = new();
 
     private HostMemoryTier Tier(int chunks, long extent = 4 * Chunk) =>
-        new(new HostTierOptions { CapacityBytes = chunks * Chunk, ExtentBytes = extent, LeaseTtl = TimeSpan.FromSeconds(10) }, _time);
+        new(new HostTierOptions { CapacityBytes = (chunks * Chunk) + MetadataHeadroom, ExtentBytes = extent, LeaseTtl = TimeSpan.FromSeconds(10) }, _time);
 
     private static ChunkKey K(int i)
     {

@@ -39,31 +39,20 @@ public enum LookupOutcome
 /// <summary>What a store did.</summary>
 public readonly record struct StoreResult(int Stored, int AlreadyPresent, int Failed);
 
-/// <summary>Where the chunk keys of a store or load come from.</summary>
-/// <remarks>Exactly one of <see cref="Tokens"/> and <see cref="Keys"/> is non-empty.</remarks>
+/// <summary>Where the chunk keys of a store or load come from: always the request's tokens, hashed by the sidecar.</summary>
+/// <remarks>
+/// Keys are never taken from a client: a key is derived from the caller's namespace, its cache salt and the
+/// tokens, so no client can name a chunk outside its own namespace (docs/security.md).
+/// </remarks>
 public readonly ref struct ChunkSource
 {
-    /// <summary>Creates a source from the request's token ids (the sidecar hashes them).</summary>
-    public static ChunkSource FromTokens(ReadOnlySpan<uint> tokens) => new(tokens, default, true);
-
-    /// <summary>Creates a source from packed 32-byte chunk keys computed by the caller.</summary>
-    public static ChunkSource FromKeys(ReadOnlySpan<byte> keys) => new(default, keys, false);
-
-    private ChunkSource(ReadOnlySpan<uint> tokens, ReadOnlySpan<byte> keys, bool byTokens)
-    {
-        Tokens = tokens;
-        Keys = keys;
-        ByTokens = byTokens;
-    }
+    private ChunkSource(ReadOnlySpan<uint> tokens) => Tokens = tokens;
 
     /// <summary>Token ids of the request from its first token.</summary>
     public ReadOnlySpan<uint> Tokens { get; }
 
-    /// <summary>Packed keys of exactly the chunks named by the request.</summary>
-    public ReadOnlySpan<byte> Keys { get; }
-
-    /// <summary>Whether the keys are computed from <see cref="Tokens"/>.</summary>
-    public bool ByTokens { get; }
+    /// <summary>Creates a source from the request's token ids (the sidecar hashes them).</summary>
+    public static ChunkSource FromTokens(ReadOnlySpan<uint> tokens) => new(tokens);
 }
 
 /// <summary>Why a cache operation was refused.</summary>
@@ -90,8 +79,14 @@ public enum CacheError
     /// <summary>The memory kind is not supported by this build.</summary>
     Unsupported,
 
-    /// <summary>The lease does not exist.</summary>
+    /// <summary>The lease does not exist (or belongs to another instance).</summary>
     UnknownLease,
+
+    /// <summary>The caller may not do this: memory of another process, an instance of another user, an administrative request.</summary>
+    PermissionDenied,
+
+    /// <summary>A configured bound of <see cref="CacheLimits"/> was hit.</summary>
+    LimitExceeded,
 }
 
 /// <summary>A refused cache operation, with a code the protocol layer maps to an error reply.</summary>
@@ -124,4 +119,5 @@ public readonly record struct CacheStats(
     long ActiveLeases,
     long CopyErrors,
     long Registrations,
-    long LateStores);
+    long LateStores,
+    long LateLoads);

@@ -5,9 +5,9 @@ using Connector.Core.Memory;
 namespace Connector.Core.Caching;
 
 /// <summary>
-/// The validated plan of one store or load: the keys of the named chunks and their engine block ids.
-/// Buffers are pooled: one rental per request, none per chunk. <see cref="BuildOps"/> is thread-safe,
-/// so chunks can be copied by several threads.
+/// The validated plan of one store or load: the keys of the named chunks (derived here from the caller's
+/// namespace, salt and tokens) and their engine block ids. Buffers are pooled: one rental per request, none
+/// per chunk. <see cref="BuildOps"/> is thread-safe, so chunks can be copied by several threads.
 /// </summary>
 internal sealed class ChunkTransfer : IDisposable
 {
@@ -17,7 +17,7 @@ internal sealed class ChunkTransfer : IDisposable
     private ChunkKey[]? _keys;
     private int[]? _blockIds;
 
-    private ChunkTransfer(EngineRegistration registration, int firstChunk, int numChunks, bool allowSkippedBlocks, ChunkKey[] keys, int[] blockIds)
+    private ChunkTransfer(EngineRegistration registration, int firstChunk, int numChunks, bool allowSkippedBlocks, ChunkKey[] keys, int[] blockIds, ulong namespaceTag)
     {
         _registration = registration;
         _firstChunk = firstChunk;
@@ -25,62 +25,49 @@ internal sealed class ChunkTransfer : IDisposable
         _allowSkippedBlocks = allowSkippedBlocks;
         _keys = keys;
         _blockIds = blockIds;
+        NamespaceTag = namespaceTag;
     }
 
     /// <summary>Chunks named by the request.</summary>
     public int NumChunks { get; }
 
+    /// <summary>A tag of the salted namespace the keys were derived in (recorded with every stored chunk).</summary>
+    public ulong NamespaceTag { get; }
+
     /// <summary>Validates a request and computes its keys.</summary>
-    /// <exception cref="CacheException">A count, the tokens, the keys or the block ids do not match.</exception>
+    /// <exception cref="CacheException">A count, the tokens or the block ids do not match, or a limit is exceeded.</exception>
     public static ChunkTransfer Begin(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, bool allowSkippedBlocks)
     {
-        if (firstChunk < 0 || numChunks < 0 || numChunks > KvCacheService.MaxChunksPerRequest || firstChunk > 4 * KvCacheService.MaxChunksPerRequest)
+        if (firstChunk < 0 || numChunks < 0 || numChunks > KvCacheService.MaxChunksPerRequest)
         {
             throw new CacheException(CacheError.BadRequest, $"first_chunk {firstChunk} / num_chunks {numChunks} out of range (at most {KvCacheService.MaxChunksPerRequest} chunks per request).");
         }
 
-        if (blockIds.Length != numChunks * registration.BlocksPerChunk)
+        // All in 64-bit: first_chunk and num_chunks come from the wire.
+        long totalChunks = (long)firstChunk + numChunks;
+        long tokensNeeded = totalChunks * registration.ChunkTokens;
+        if ((long)blockIds.Length != (long)numChunks * registration.BlocksPerChunk)
         {
             throw new CacheException(CacheError.BadRequest, $"{blockIds.Length} block ids for {numChunks} chunks of {registration.BlocksPerChunk} blocks.");
         }
 
-        int totalChunks = firstChunk + numChunks;
-        ChunkKey[] keys;
-        if (source.ByTokens)
+        if (source.Tokens.Length < tokensNeeded)
         {
-            if (source.Tokens.Length < totalChunks * registration.ChunkTokens)
-            {
-                throw new CacheException(CacheError.BadRequest, $"{source.Tokens.Length} tokens do not cover chunks up to {totalChunks} of {registration.ChunkTokens} tokens.");
-            }
-
-            keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(totalChunks, 1));
-            ChunkHasher.ComputeKeys(registration.RootKey(cacheSalt), registration.ChunkTokens, source.Tokens[..(totalChunks * registration.ChunkTokens)], keys.AsSpan(0, totalChunks));
-        }
-        else
-        {
-            if (source.Keys.Length != numChunks * ChunkKey.Size)
-            {
-                throw new CacheException(CacheError.BadRequest, $"{source.Keys.Length} key bytes for {numChunks} chunks of {ChunkKey.Size}-byte keys.");
-            }
-
-            // Keys given by the caller: slot firstChunk+i is chunk i; the parent of the first is unknown.
-            keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(totalChunks, 1));
-            keys.AsSpan(0, firstChunk).Clear();
-            for (int i = 0; i < numChunks; i++)
-            {
-                keys[firstChunk + i] = ChunkKey.Read(source.Keys, i);
-            }
+            throw new CacheException(CacheError.BadRequest, $"{source.Tokens.Length} tokens do not cover chunks up to {totalChunks} of {registration.ChunkTokens} tokens.");
         }
 
+        ChunkKey root = registration.RootKey(cacheSalt);
+        ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent((int)Math.Max(totalChunks, 1));
+        ChunkHasher.ComputeKeys(root, registration.ChunkTokens, source.Tokens[..(int)tokensNeeded], keys.AsSpan(0, (int)totalChunks));
         int[] ids = ArrayPool<int>.Shared.Rent(Math.Max(blockIds.Length, 1));
         blockIds.CopyTo(ids);
-        return new ChunkTransfer(registration, firstChunk, numChunks, allowSkippedBlocks, keys, ids);
+        return new ChunkTransfer(registration, firstChunk, numChunks, allowSkippedBlocks, keys, ids, root.Tag);
     }
 
     /// <summary>The key of the i-th named chunk.</summary>
     public ChunkKey Key(int i) => _keys![_firstChunk + i];
 
-    /// <summary>The key of the chunk before the i-th named chunk, or <see cref="ChunkKey.None"/> when unknown or first.</summary>
+    /// <summary>The key of the chunk before the i-th named chunk, or <see cref="ChunkKey.None"/> for the first chunk.</summary>
     public ChunkKey Parent(int i) => _firstChunk + i == 0 ? ChunkKey.None : _keys![_firstChunk + i - 1];
 
     /// <summary>Writes the copy list of the i-th named chunk against an L1 slab.</summary>

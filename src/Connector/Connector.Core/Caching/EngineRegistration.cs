@@ -10,18 +10,17 @@ namespace Connector.Core.Caching;
 /// </remarks>
 public sealed class EngineRegistration
 {
-    /// <summary>Distinct salts whose root keys are remembered; beyond this, roots are recomputed per request.</summary>
-    private const int MaxCachedRoots = 4096;
-
     private readonly IEngineMemory _memory;
+    private readonly int _maxCachedRoots;
     private readonly System.Collections.Concurrent.ConcurrentDictionary<string, ChunkKey> _roots = new();
     private int _refs = 1;
     private int _closed;
 
-    internal EngineRegistration(long id, long sessionId, string instanceId, KvNamespace baseNamespace, ChunkGeometry geometry, IEngineMemory memory)
+    internal EngineRegistration(long id, long sessionId, string instanceId, KvNamespace baseNamespace, ChunkGeometry geometry, IEngineMemory memory, int maxCachedRoots)
     {
         Id = id;
         SessionId = sessionId;
+        _maxCachedRoots = maxCachedRoots;
         InstanceId = instanceId;
         BaseNamespace = baseNamespace;
         Geometry = geometry;
@@ -52,6 +51,9 @@ public sealed class EngineRegistration
 
     internal IEngineMemory Memory => _memory;
 
+    /// <summary>Salts whose root keys are remembered now.</summary>
+    public int CachedRoots => _roots.Count;
+
     /// <summary>The root key of this registration's namespace under a cache salt.</summary>
     /// <param name="cacheSalt">The tenant salt; null or empty for none.</param>
     public ChunkKey RootKey(string? cacheSalt)
@@ -63,7 +65,8 @@ public sealed class EngineRegistration
         }
 
         root = ChunkHasher.Root(BaseNamespace.WithSalt(salt));
-        if (_roots.Count < MaxCachedRoots)
+        // Bounded: a client sending a new salt per request must not grow the sidecar's memory.
+        if (_roots.Count < _maxCachedRoots)
         {
             _roots.TryAdd(salt, root);
         }

@@ -1,6 +1,8 @@
 using System.Buffers;
+using System.Text;
 using Connector.Core.Keys;
 using Connector.Core.Memory;
+using Connector.Core.Platform;
 using Connector.Core.Storage;
 
 namespace Connector.Core.Caching;
@@ -9,7 +11,11 @@ namespace Connector.Core.Caching;
 /// The caching core: registrations of engine memory, lookups with leases, and stores and loads that
 /// move chunk bytes between engine memory and the host tier.
 /// </summary>
-/// <remarks>Thread-safe. Stores and loads run on the caller's thread and block it for the copy.</remarks>
+/// <remarks>
+/// Thread-safe. Stores and loads run on the caller's thread (large ones helped by <see cref="CopyThreads"/>)
+/// and stop at their <see cref="CopyDeadline"/>. Every size a client declares is checked against
+/// <see cref="CacheLimits"/> in 64-bit arithmetic before anything is reserved or evicted.
+/// </remarks>
 public sealed class KvCacheService : IDisposable
 {
     /// <summary>Upper bound on chunks one request may name: 4096 chunks of 256 tokens is a 1M-token prompt.</summary>
@@ -19,7 +25,10 @@ public sealed class KvCacheService : IDisposable
     private readonly Dictionary<EngineMemoryKind, IEngineMemoryProvider> _providers;
     private readonly RegistrationTable _registrations = new();
     private readonly LeaseBook _leases;
+    private readonly CacheLimits _limits;
+    private readonly CopyThreads? _helpers;
     private long _nextRegistrationId;
+    private long _lateLoads;
     private long _storedChunks;
     private long _loadedChunks;
     private long _storedBytes;
@@ -28,18 +37,35 @@ public sealed class KvCacheService : IDisposable
     private long _lateStores;
 
     /// <summary>Creates the service over a host tier and the engine memory providers this build has.</summary>
-    public KvCacheService(HostMemoryTier tier, IEnumerable<IEngineMemoryProvider> providers)
+    /// <param name="tier">The L1 tier.</param>
+    /// <param name="providers">The engine memory providers.</param>
+    /// <param name="limits">The bounds on client requests; the defaults when null.</param>
+    /// <param name="helpers">Threads that help with large copies; none when null.</param>
+    public KvCacheService(HostMemoryTier tier, IEnumerable<IEngineMemoryProvider> providers, CacheLimits? limits = null, CopyThreads? helpers = null)
     {
         ArgumentNullException.ThrowIfNull(tier);
         ArgumentNullException.ThrowIfNull(providers);
         _tier = tier;
         _providers = providers.ToDictionary(p => p.Kind);
-        _leases = new LeaseBook(tier);
+        _limits = limits ?? new CacheLimits();
+        _helpers = helpers;
+        _leases = new LeaseBook(tier, _limits.MaxLeasesPerConnection);
     }
 
+    /// <summary>The bounds this service enforces.</summary>
+    public CacheLimits Limits => _limits;
+
+    /// <summary>Request leases held now (a request that leased on several ranks counts once).</summary>
+    public int RequestLeases => _leases.Count;
+
     /// <summary>Validates and opens a worker's KV memory and returns its registration.</summary>
-    /// <exception cref="CacheException">The namespace, a layout or the memory is refused.</exception>
-    public EngineRegistration Register(long sessionId, string instanceId, NamespaceSpec ns, IReadOnlyList<LayerSpec> layers)
+    /// <param name="sessionId">The registering connection.</param>
+    /// <param name="instanceId">The engine instance the worker belongs to.</param>
+    /// <param name="ns">The declared namespace fields.</param>
+    /// <param name="layers">The memory regions and their layouts.</param>
+    /// <param name="owner">The connecting process: host memory must be its own (a pid of 0 means it). Null only in tests and tools that register memory on behalf of a process.</param>
+    /// <exception cref="CacheException">The namespace, a layout, a limit or the memory is refused.</exception>
+    public EngineRegistration Register(long sessionId, string instanceId, NamespaceSpec ns, IReadOnlyList<LayerSpec> layers, ProcessIdentity? owner = null)
     {
         ArgumentNullException.ThrowIfNull(ns);
         ArgumentNullException.ThrowIfNull(layers);
@@ -53,10 +79,24 @@ public sealed class KvCacheService : IDisposable
             throw new CacheException(CacheError.BadRequest, "REGISTER names no layers.");
         }
 
+        CheckId("model id", ns.ModelId);
+        CheckId("KV dtype", ns.KvDtype);
         if (ns.BlockTokens <= 0 || ns.ChunkTokens <= 0 || ns.ChunkTokens % ns.BlockTokens != 0)
         {
             throw new CacheException(CacheError.BadRequest, $"chunk_tokens ({ns.ChunkTokens}) must be a positive multiple of block_tokens ({ns.BlockTokens}).");
         }
+
+        if (ns.ChunkTokens > _limits.MaxChunkTokens)
+        {
+            throw new CacheException(CacheError.LimitExceeded, $"chunk_tokens {ns.ChunkTokens} is above Sidecar:MaxChunkTokens ({_limits.MaxChunkTokens}).");
+        }
+
+        if (ns.ChunkTokens / ns.BlockTokens > _limits.MaxBlocksPerChunk)
+        {
+            throw new CacheException(CacheError.LimitExceeded, $"{ns.ChunkTokens / ns.BlockTokens} blocks per chunk is above Sidecar:MaxBlocksPerChunk ({_limits.MaxBlocksPerChunk}).");
+        }
+
+        layers = BindToOwner(layers, owner);
 
         ChunkGeometry geometry;
         try
@@ -81,6 +121,12 @@ public sealed class KvCacheService : IDisposable
         catch (OverflowException ex)
         {
             throw new CacheException(CacheError.BadLayout, "a region length does not fit in 63 bits", ex);
+        }
+
+        long maxChunk = Math.Min(_limits.MaxChunkBytes, _tier.MaxChunkBytes);
+        if (geometry.ChunkBytes > maxChunk || geometry.ChunkBytes < _limits.MinChunkBytes)
+        {
+            throw new CacheException(CacheError.LimitExceeded, $"a chunk of this layout is {geometry.ChunkBytes} bytes; the sidecar takes chunks of {_limits.MinChunkBytes} to {maxChunk} bytes (Sidecar:MinChunkBytes, Sidecar:MaxChunkBytes, a quarter of Sidecar:CapacityBytes). Change chunk_tokens.");
         }
 
         KvNamespace baseNs;
@@ -108,14 +154,14 @@ public sealed class KvCacheService : IDisposable
         IEngineMemory memory;
         try
         {
-            memory = provider.Open(layers.Select(l => l.Memory).ToList());
+            memory = provider.Open(layers.Select(l => l.Memory).ToList(), owner);
         }
         catch (EngineMemoryException ex)
         {
             throw Translate(ex);
         }
 
-        var registration = new EngineRegistration(Interlocked.Increment(ref _nextRegistrationId), sessionId, instanceId, baseNs, geometry, memory);
+        var registration = new EngineRegistration(Interlocked.Increment(ref _nextRegistrationId), sessionId, instanceId, baseNs, geometry, memory, _limits.MaxCachedSaltsPerRegistration);
         _registrations.Add(registration);
         return registration;
     }
@@ -137,8 +183,10 @@ public sealed class KvCacheService : IDisposable
     /// <param name="cacheSalt">The tenant salt; null or empty for none.</param>
     /// <param name="tokens">The request's token ids from its first token.</param>
     /// <param name="lease">Whether to lease the hit chunks until they are loaded.</param>
+    /// <exception cref="CacheException">A limit is exceeded (tokens, salt, request id, leases of the connection).</exception>
     public LookupResult Lookup(long sessionId, string instanceId, string requestId, string? cacheSalt, ReadOnlySpan<uint> tokens, bool lease)
     {
+        CheckRequest(requestId, cacheSalt, tokens.Length);
         EngineRegistration[] ranks = _registrations.RanksOf(instanceId);
         if (ranks.Length == 0)
         {
@@ -163,18 +211,24 @@ public sealed class KvCacheService : IDisposable
                 hit = _tier.CountPresentPrefix(rankKeys);
             }
 
-            bool leased = false;
             ulong leaseId = 0;
-            if (lease)
+            if (lease && hit > 0)
             {
-                leaseId = _leases.Replace(instanceId, requestId);
-                for (int r = 0; r < ranks.Length && hit > 0; r++)
+                LeaseBook.RequestLease pending = _leases.Start(sessionId, instanceId, requestId);
+                for (int r = 0; r < ranks.Length; r++)
                 {
-                    leased |= _leases.Add(sessionId, instanceId, requestId, ranks[r].BaseNamespace, keys.AsSpan(r * wanted, hit));
+                    _leases.Add(pending, ranks[r].BaseNamespace, keys.AsSpan(r * wanted, hit));
                 }
+
+                leaseId = _leases.Publish(pending);
+            }
+            else if (lease)
+            {
+                // A new lookup of the request supersedes its earlier lease, hit or not.
+                _leases.ReleaseRequest(instanceId, requestId);
             }
 
-            return new LookupResult(hit, hit * chunkTokens, leased ? leaseId : 0, LookupOutcome.Ready);
+            return new LookupResult(hit, hit * chunkTokens, leaseId, LookupOutcome.Ready);
         }
         finally
         {
@@ -184,20 +238,22 @@ public sealed class KvCacheService : IDisposable
 
     /// <summary>Copies chunks out of the engine's blocks into the host tier; chunks already present are skipped.</summary>
     /// <param name="registration">The calling worker's registration.</param>
+    /// <param name="requestId">The engine's request id (bounded like every id).</param>
     /// <param name="cacheSalt">The tenant salt.</param>
-    /// <param name="source">Token ids or keys naming the chunks.</param>
+    /// <param name="source">Token ids naming the chunks.</param>
     /// <param name="firstChunk">Index of the first chunk to store.</param>
     /// <param name="numChunks">How many chunks to store.</param>
     /// <param name="blockIds">numChunks times blocks-per-chunk engine block ids, chunk by chunk.</param>
-    /// <param name="commitBefore">Stopwatch timestamp after which the copies are discarded instead of committed
-    /// (the engine has stopped waiting and may be overwriting the blocks); <see cref="long.MaxValue"/> for none.</param>
-    public StoreResult Store(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, long commitBefore = long.MaxValue)
+    /// <param name="deadline">When the engine stops waiting and may overwrite the blocks: copies stop there, and
+    /// nothing copied is committed after it.</param>
+    public StoreResult Store(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline)
     {
         ArgumentNullException.ThrowIfNull(registration);
+        CheckRequest(requestId, cacheSalt, source.Tokens.Length);
         Acquire(registration);
         try
         {
-            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds, commitBefore);
+            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds, deadline);
         }
         finally
         {
@@ -205,7 +261,7 @@ public sealed class KvCacheService : IDisposable
         }
     }
 
-    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, long commitBefore)
+    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline)
     {
         using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: false);
         transfer.ValidateBlockIds();
@@ -213,14 +269,13 @@ public sealed class KvCacheService : IDisposable
         int[] indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
         nint[] addresses = ArrayPool<nint>.Shared.Rent(Math.Max(numChunks, 1));
         SlabRef[] slabs = ArrayPool<SlabRef>.Shared.Rent(Math.Max(numChunks, 1));
-        int reserved = 0, present = 0, failed = 0;
-        bool committed = false;
+        int reserved = 0, present = 0, failed = 0, committed = 0;
         try
         {
             // Reserve in prefix order; later chunks are useless without an earlier one (the prefix invariant).
             for (int i = 0; i < numChunks; i++)
             {
-                StoreBegin begin = _tier.TryBeginStore(transfer.Key(i), transfer.Parent(i), chunkBytes, out SlabRef slab);
+                StoreBegin begin = _tier.TryBeginStore(transfer.Key(i), transfer.Parent(i), chunkBytes, transfer.NamespaceTag, out SlabRef slab);
                 if (begin is StoreBegin.AlreadyPresent or StoreBegin.InProgress)
                 {
                     present++;
@@ -238,20 +293,19 @@ public sealed class KvCacheService : IDisposable
                 slabs[reserved++] = slab;
             }
 
-            ParallelCopier.Run(transfer, indices, addresses, reserved, registration.Memory, toEngine: false, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk);
-            if (System.Diagnostics.Stopwatch.GetTimestamp() > commitBefore)
+            int copied = ParallelCopier.Run(transfer, indices, addresses, reserved, registration.Memory, toEngine: false, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk, deadline, _helpers);
+            if (copied < reserved || deadline.IsOver)
             {
                 // Too late: the engine may have reused the blocks while we copied. The finally aborts the slabs.
                 Interlocked.Increment(ref _lateStores);
                 return new StoreResult(0, present, failed + reserved);
             }
 
-            for (int k = 0; k < reserved; k++)
+            for (; committed < reserved; committed++)
             {
-                _tier.CommitStore(slabs[k]);
+                _tier.CommitStore(slabs[committed]);
             }
 
-            committed = true;
             Interlocked.Add(ref _storedChunks, reserved);
             Interlocked.Add(ref _storedBytes, reserved * chunkBytes);
             return new StoreResult(reserved, present, failed);
@@ -263,13 +317,10 @@ public sealed class KvCacheService : IDisposable
         }
         finally
         {
-            if (!committed)
+            // Nothing half-copied ever becomes visible.
+            for (int k = committed; k < reserved; k++)
             {
-                // Nothing half-copied ever becomes visible.
-                for (int k = 0; k < reserved; k++)
-                {
-                    _tier.AbortStore(slabs[k]);
-                }
+                _tier.AbortStore(slabs[k]);
             }
 
             ArrayPool<int>.Shared.Return(indices);
@@ -282,14 +333,16 @@ public sealed class KvCacheService : IDisposable
     /// <param name="registration">The calling worker's registration.</param>
     /// <param name="requestId">The engine's request id: this rank's share of its lease is released afterwards.</param>
     /// <param name="cacheSalt">The tenant salt.</param>
-    /// <param name="source">Token ids or keys naming the chunks.</param>
+    /// <param name="source">Token ids naming the chunks.</param>
     /// <param name="firstChunk">Index of the first chunk to load.</param>
     /// <param name="numChunks">How many chunks to load.</param>
     /// <param name="blockIds">numChunks times blocks-per-chunk engine block ids; -1 skips a block.</param>
+    /// <param name="deadline">When the engine stops waiting and reuses the blocks: no chunk copy starts unless it can end before it.</param>
     /// <returns>The number of leading chunks loaded completely.</returns>
-    public int Load(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds)
+    public int Load(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline)
     {
         ArgumentNullException.ThrowIfNull(registration);
+        CheckRequest(requestId, cacheSalt, source.Tokens.Length);
         Acquire(registration);
         int pinned = 0;
         int[]? indices = null;
@@ -299,20 +352,26 @@ public sealed class KvCacheService : IDisposable
         {
             using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: true);
             transfer.ValidateBlockIds();
+            long chunkBytes = registration.Geometry.ChunkBytes;
             indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
             addresses = ArrayPool<nint>.Shared.Rent(Math.Max(numChunks, 1));
             slabs = ArrayPool<SlabRef>.Shared.Rent(Math.Max(numChunks, 1));
-            for (; pinned < numChunks && _tier.TryPinForRead(transfer.Key(pinned), out SlabRef slab); pinned++)
+            for (; pinned < numChunks && _tier.TryPinForRead(transfer.Key(pinned), chunkBytes, transfer.NamespaceTag, out SlabRef slab); pinned++)
             {
                 indices[pinned] = pinned;
                 addresses[pinned] = slab.Address;
                 slabs[pinned] = slab;
             }
 
-            ParallelCopier.Run(transfer, indices, addresses, pinned, registration.Memory, toEngine: true, registration.Geometry.ChunkBytes, registration.Geometry.MaxCopyOpsPerChunk);
-            Interlocked.Add(ref _loadedChunks, pinned);
-            Interlocked.Add(ref _loadedBytes, pinned * registration.Geometry.ChunkBytes);
-            return pinned;
+            int loaded = ParallelCopier.Run(transfer, indices, addresses, pinned, registration.Memory, toEngine: true, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk, deadline, _helpers);
+            if (loaded < pinned)
+            {
+                Interlocked.Increment(ref _lateLoads);
+            }
+
+            Interlocked.Add(ref _loadedChunks, loaded);
+            Interlocked.Add(ref _loadedBytes, loaded * chunkBytes);
+            return loaded;
         }
         catch (EngineMemoryException ex)
         {
@@ -342,13 +401,13 @@ public sealed class KvCacheService : IDisposable
     /// <returns>The number of chunks released.</returns>
     public int Release(string instanceId, string requestId) => _leases.ReleaseRequest(instanceId, requestId);
 
-    /// <summary>Releases the lease a lookup returned.</summary>
+    /// <summary>Releases a lease a lookup of <paramref name="instanceId"/> returned.</summary>
     /// <returns>The number of chunks released.</returns>
-    /// <exception cref="CacheException">The lease does not exist (released, loaded or expired).</exception>
-    public int Release(ulong leaseId)
+    /// <exception cref="CacheException">The instance holds no such lease (released, loaded, expired, or another instance's).</exception>
+    public int Release(ulong leaseId, string instanceId)
     {
-        int released = _leases.ReleaseById(leaseId);
-        return released >= 0 ? released : throw new CacheException(CacheError.UnknownLease, $"lease {leaseId} does not exist (already released, loaded or expired).");
+        int released = _leases.ReleaseById(leaseId, instanceId);
+        return released >= 0 ? released : throw new CacheException(CacheError.UnknownLease, $"lease {leaseId} does not exist for this instance (already released, loaded or expired).");
     }
 
     /// <summary>Releases every lease and registration of a closed connection.</summary>
@@ -380,11 +439,63 @@ public sealed class KvCacheService : IDisposable
             tier.CapacityBytes, tier.UsedBytes, tier.Chunks, tier.Hits, tier.Misses, tier.Evictions,
             Interlocked.Read(ref _storedChunks), Interlocked.Read(ref _loadedChunks),
             Interlocked.Read(ref _storedBytes), Interlocked.Read(ref _loadedBytes),
-            tier.ActiveLeases, Interlocked.Read(ref _copyErrors), _registrations.Count, Interlocked.Read(ref _lateStores));
+            tier.ActiveLeases, Interlocked.Read(ref _copyErrors), _registrations.Count, Interlocked.Read(ref _lateStores), Interlocked.Read(ref _lateLoads));
     }
 
     /// <inheritdoc/>
     public void Dispose() => _tier.Dispose();
+
+    /// <summary>Checks the client-sized fields every LOOKUP, STORE and LOAD carries.</summary>
+    private void CheckRequest(string requestId, string? cacheSalt, int tokens)
+    {
+        CheckId("request id", requestId);
+        if (tokens > _limits.MaxTokensPerRequest)
+        {
+            throw new CacheException(CacheError.LimitExceeded, $"{tokens} tokens is above Sidecar:MaxTokensPerRequest ({_limits.MaxTokensPerRequest}).");
+        }
+
+        if (cacheSalt is not null && cacheSalt.Length > 0 && Encoding.UTF8.GetByteCount(cacheSalt) > _limits.MaxSaltBytes)
+        {
+            throw new CacheException(CacheError.LimitExceeded, $"a cache_salt of {Encoding.UTF8.GetByteCount(cacheSalt)} bytes is above Sidecar:MaxSaltBytes ({_limits.MaxSaltBytes}).");
+        }
+    }
+
+    private void CheckId(string what, string? id)
+    {
+        if (id is not null && id.Length > _limits.MaxIdBytes / 3 && Encoding.UTF8.GetByteCount(id) > _limits.MaxIdBytes)
+        {
+            throw new CacheException(CacheError.LimitExceeded, $"a {what} of {Encoding.UTF8.GetByteCount(id)} bytes is above Sidecar:MaxIdBytes ({_limits.MaxIdBytes}).");
+        }
+    }
+
+    /// <summary>Binds host-memory regions to the connecting process: each must name its pid (0 means it).</summary>
+    private static IReadOnlyList<LayerSpec> BindToOwner(IReadOnlyList<LayerSpec> layers, ProcessIdentity? owner)
+    {
+        if (owner is null)
+        {
+            return layers;
+        }
+
+        var bound = new List<LayerSpec>(layers.Count);
+        foreach (LayerSpec layer in layers)
+        {
+            if (layer.Memory.Kind == EngineMemoryKind.HostProcess && layer.Memory.Pid != owner.Pid)
+            {
+                if (layer.Memory.Pid != 0)
+                {
+                    throw new CacheException(CacheError.PermissionDenied, $"layer '{layer.Name}' names the memory of process {layer.Memory.Pid}, but the connecting process is {owner.Pid}: a worker may register only its own memory (send pid 0 or its own pid; in another pid namespace send 0).");
+                }
+
+                bound.Add(layer with { Memory = layer.Memory with { Pid = owner.Pid } });
+            }
+            else
+            {
+                bound.Add(layer);
+            }
+        }
+
+        return bound;
+    }
 
     private static void Acquire(EngineRegistration registration)
     {
@@ -398,6 +509,7 @@ public sealed class KvCacheService : IDisposable
     {
         EngineMemoryError.OutOfRange => new CacheException(CacheError.OutOfRange, ex.Message, ex),
         EngineMemoryError.AccessDenied => new CacheException(CacheError.MemoryAccessDenied, ex.Message, ex),
+        EngineMemoryError.NotOwner => new CacheException(CacheError.PermissionDenied, ex.Message, ex),
         EngineMemoryError.Unsupported => new CacheException(CacheError.Unsupported, ex.Message, ex),
         EngineMemoryError.BadLayout => new CacheException(CacheError.BadLayout, ex.Message, ex),
         _ => new CacheException(CacheError.MemoryFault, ex.Message, ex),

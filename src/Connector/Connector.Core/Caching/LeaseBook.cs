@@ -1,158 +1,235 @@
+using System.Security.Cryptography;
 using Connector.Core.Keys;
 using Connector.Core.Storage;
 
 namespace Connector.Core.Caching;
 
 /// <summary>
-/// Files the host tier's leases under (instance, request, rank namespace) so that a worker's LOAD
-/// releases its own rank's share, a RELEASE ends the request's lease, and a closed connection ends
-/// everything it leased.
+/// Files the host tier's leases under (instance, request): a worker's LOAD releases its own rank's share,
+/// a RELEASE ends the request's lease, and a closed connection ends everything it leased.
 /// </summary>
-internal sealed class LeaseBook(HostMemoryTier tier)
+/// <remarks>
+/// A lease record exists only while something is leased: a lookup that leases nothing leaves nothing
+/// behind. Lease ids are random 64-bit values and are honoured only for the instance that took them, so
+/// one client can neither guess nor end another's lease. Thread-safe.
+/// </remarks>
+internal sealed class LeaseBook(HostMemoryTier tier, int maxLeasesPerSession)
 {
     private readonly Lock _lock = new();
-    private readonly Dictionary<(string Instance, string Request), List<Entry>> _byRequest = [];
-    private readonly Dictionary<ulong, (string Instance, string Request)> _byId = [];
-    private ulong _nextId;
+    private readonly Dictionary<(string Instance, string Request), RequestLease> _byRequest = [];
+    private readonly Dictionary<ulong, RequestLease> _byId = [];
+    private readonly Dictionary<long, int> _perSession = [];
 
-    /// <summary>Ends the previous lease of a request before a new lookup leases again, and names the new one.</summary>
-    /// <returns>The id the client may RELEASE the request's lease by.</returns>
-    public ulong Replace(string instance, string request)
+    /// <summary>Request leases held now.</summary>
+    public int Count
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _byRequest.Count;
+            }
+        }
+    }
+
+    /// <summary>Starts the lease of a lookup that hit: ends the request's previous lease and checks the connection's bound.</summary>
+    /// <exception cref="CacheException">With <see cref="CacheError.LimitExceeded"/> when the connection holds too many leases.</exception>
+    public RequestLease Start(long session, string instance, string request)
     {
         ReleaseRequest(instance, request);
         lock (_lock)
         {
-            ulong id = ++_nextId;
-            _byId[id] = (instance, request);
-            return id;
+            if (_perSession.GetValueOrDefault(session) >= maxLeasesPerSession)
+            {
+                throw new CacheException(CacheError.LimitExceeded, $"this connection holds {maxLeasesPerSession} leases (Sidecar:MaxLeasesPerConnection); release or load them first.");
+            }
+        }
+
+        return new RequestLease(session, instance, request);
+    }
+
+    /// <summary>Leases the present <paramref name="keys"/> of one rank into <paramref name="lease"/>.</summary>
+    public void Add(RequestLease lease, KvNamespace rank, ReadOnlySpan<ChunkKey> keys)
+    {
+        LeaseId id = tier.AcquireLease(lease.Session, keys);
+        if (id != LeaseId.None)
+        {
+            lease.Entries.Add((rank, id));
         }
     }
 
-    /// <summary>Releases the lease named by an id from <see cref="Replace"/>.</summary>
-    public int ReleaseById(ulong id)
+    /// <summary>Files a started lease and names it; a lease that holds nothing is dropped.</summary>
+    /// <returns>The id the instance may RELEASE it by, or 0 when nothing was leased.</returns>
+    public ulong Publish(RequestLease lease)
     {
-        (string Instance, string Request) key;
+        if (lease.Entries.Count == 0)
+        {
+            return 0;
+        }
+
+        List<(KvNamespace, LeaseId)>? displaced = null;
         lock (_lock)
         {
-            if (!_byId.Remove(id, out key))
+            do
+            {
+                lease.Id = BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8));
+            }
+            while (lease.Id == 0 || _byId.ContainsKey(lease.Id));
+
+            // A concurrent lookup of the same request may have published meanwhile: the newer one wins.
+            if (_byRequest.Remove((lease.Instance, lease.Request), out RequestLease? old))
+            {
+                Forget(old);
+                displaced = old.Entries;
+            }
+
+            _byRequest[(lease.Instance, lease.Request)] = lease;
+            _byId[lease.Id] = lease;
+            _perSession[lease.Session] = _perSession.GetValueOrDefault(lease.Session) + 1;
+        }
+
+        if (displaced is not null)
+        {
+            EndAll(displaced);
+        }
+
+        return lease.Id;
+    }
+
+    /// <summary>Releases the lease named by <paramref name="id"/> if it belongs to <paramref name="instance"/>.</summary>
+    /// <returns>The chunks released, or -1 when the instance holds no such lease.</returns>
+    public int ReleaseById(ulong id, string instance)
+    {
+        RequestLease? lease;
+        lock (_lock)
+        {
+            if (!_byId.TryGetValue(id, out lease) || lease.Instance != instance)
             {
                 return -1;
             }
+
+            _byRequest.Remove((lease.Instance, lease.Request));
+            Forget(lease);
         }
 
-        return ReleaseRequest(key.Instance, key.Request);
+        return EndAll(lease.Entries);
     }
 
-    public bool Add(long sessionId, string instance, string request, KvNamespace rank, ReadOnlySpan<ChunkKey> keys)
-    {
-        LeaseId id = tier.AcquireLease(sessionId, keys);
-        if (id == LeaseId.None)
-        {
-            return false;
-        }
-
-        lock (_lock)
-        {
-            if (!_byRequest.TryGetValue((instance, request), out List<Entry>? entries))
-            {
-                entries = new List<Entry>(2);
-                _byRequest[(instance, request)] = entries;
-            }
-
-            entries.Add(new Entry(sessionId, rank, id));
-        }
-
-        return true;
-    }
-
+    /// <summary>Releases one rank's share of a request's lease (that rank loaded its chunks).</summary>
     public int ReleaseRank(string instance, string request, KvNamespace rank)
     {
         List<LeaseId> toRelease = [];
         lock (_lock)
         {
-            if (!_byRequest.TryGetValue((instance, request), out List<Entry>? entries))
+            if (!_byRequest.TryGetValue((instance, request), out RequestLease? lease))
             {
                 return 0;
             }
 
-            for (int i = entries.Count - 1; i >= 0; i--)
+            for (int i = lease.Entries.Count - 1; i >= 0; i--)
             {
-                if (entries[i].Rank.Equals(rank))
+                if (lease.Entries[i].Rank.Equals(rank))
                 {
-                    toRelease.Add(entries[i].Lease);
-                    entries.RemoveAt(i);
+                    toRelease.Add(lease.Entries[i].Lease);
+                    lease.Entries.RemoveAt(i);
                 }
             }
 
-            if (entries.Count == 0)
+            if (lease.Entries.Count == 0)
             {
                 _byRequest.Remove((instance, request));
-                RemoveIdsOf(instance, request);
+                Forget(lease);
             }
         }
 
         return toRelease.Sum(tier.ReleaseLease);
     }
 
+    /// <summary>Releases every rank's share of a request's lease.</summary>
     public int ReleaseRequest(string instance, string request)
     {
-        List<Entry>? entries;
+        RequestLease? lease;
         lock (_lock)
         {
-            RemoveIdsOf(instance, request);
-            if (!_byRequest.Remove((instance, request), out entries))
+            if (!_byRequest.Remove((instance, request), out lease))
             {
                 return 0;
             }
+
+            Forget(lease);
         }
 
-        return entries.Sum(e => tier.ReleaseLease(e.Lease));
+        return EndAll(lease.Entries);
     }
 
-    public void ReleaseSession(long sessionId)
+    /// <summary>Ends every lease a closed connection took.</summary>
+    public void ReleaseSession(long session)
     {
         lock (_lock)
         {
-            foreach (var pair in _byRequest.ToArray())
+            if (_perSession.Remove(session))
             {
-                pair.Value.RemoveAll(e => e.Session == sessionId);
-                if (pair.Value.Count == 0)
+                foreach (var (key, lease) in _byRequest)
                 {
-                    _byRequest.Remove(pair.Key);
+                    if (lease.Session == session)
+                    {
+                        _byRequest.Remove(key);
+                        _byId.Remove(lease.Id);
+                    }
                 }
             }
         }
 
-        tier.ReleaseOwner(sessionId);
+        tier.ReleaseOwner(session);
     }
 
-    /// <summary>Forgets book entries whose leases the tier has expired.</summary>
+    /// <summary>Forgets records whose tier leases expired.</summary>
     public void Prune()
     {
         lock (_lock)
         {
-            foreach (var pair in _byRequest.ToArray())
+            foreach (var (key, lease) in _byRequest)
             {
-                pair.Value.RemoveAll(e => !tier.IsLeaseActive(e.Lease));
-                if (pair.Value.Count == 0)
+                lease.Entries.RemoveAll(e => !tier.IsLeaseActive(e.Lease));
+                if (lease.Entries.Count == 0)
                 {
-                    _byRequest.Remove(pair.Key);
+                    _byRequest.Remove(key);
+                    Forget(lease);
                 }
             }
         }
     }
 
-    private void RemoveIdsOf(string instance, string request)
+    /// <summary>Removes a lease's id and its count against its connection; the caller holds the lock and removed it from the request table.</summary>
+    private void Forget(RequestLease lease)
     {
-        foreach (var pair in _byId)
+        _byId.Remove(lease.Id);
+        if (_perSession.TryGetValue(lease.Session, out int n))
         {
-            if (pair.Value.Instance == instance && pair.Value.Request == request)
+            if (n <= 1)
             {
-                _byId.Remove(pair.Key);
-                return;
+                _perSession.Remove(lease.Session);
+            }
+            else
+            {
+                _perSession[lease.Session] = n - 1;
             }
         }
     }
 
-    private readonly record struct Entry(long Session, KvNamespace Rank, LeaseId Lease);
+    private int EndAll(List<(KvNamespace Rank, LeaseId Lease)> entries) => entries.Sum(e => tier.ReleaseLease(e.Lease));
+
+    /// <summary>One request's lease: a tier lease per rank that had hits.</summary>
+    internal sealed class RequestLease(long session, string instance, string request)
+    {
+        public long Session { get; } = session;
+
+        public string Instance { get; } = instance;
+
+        public string Request { get; } = request;
+
+        public ulong Id { get; set; }
+
+        public List<(KvNamespace Rank, LeaseId Lease)> Entries { get; } = new(2);
+    }
 }

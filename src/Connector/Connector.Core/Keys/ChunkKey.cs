@@ -44,6 +44,9 @@ public readonly struct ChunkKey : IEquatable<ChunkKey>
         BinaryPrimitives.WriteUInt64LittleEndian(destination[24..], _d);
     }
 
+    /// <summary>The key's first 8 bytes as a number: a tag of the namespace when the key is a root.</summary>
+    public ulong Tag => _a;
+
     /// <summary>Whether this is <see cref="None"/>.</summary>
     public bool IsNone => (_a | _b | _c | _d) == 0;
 
@@ -54,9 +57,19 @@ public readonly struct ChunkKey : IEquatable<ChunkKey>
     /// <inheritdoc/>
     public override bool Equals(object? obj) => obj is ChunkKey k && Equals(k);
 
+    /// <summary>A secret per-process seed: keys come from client tokens, so bucket placement must not be predictable.</summary>
+    private static readonly ulong HashSeed = BitConverter.ToUInt64(System.Security.Cryptography.RandomNumberGenerator.GetBytes(8)) | 1;
+
     /// <inheritdoc/>
-    // The key is a cryptographic digest: any 8 bytes of it are uniformly distributed.
-    public override int GetHashCode() => (int)_a ^ (int)(_a >> 32);
+    // A client can grind tokens until their keys share the low bits that pick a bucket; mixing in a
+    // secret seed (multiply-xorshift) makes the bucket of a key unknowable outside this process.
+    public override int GetHashCode()
+    {
+        ulong h = (_a ^ HashSeed) * 0x9E3779B97F4A7C15UL;
+        h ^= h >> 29;
+        h *= HashSeed;
+        return (int)(h >> 32);
+    }
 
     /// <summary>The key as lowercase hex.</summary>
     public override string ToString()

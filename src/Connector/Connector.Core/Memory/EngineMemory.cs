@@ -57,8 +57,10 @@ public interface IEngineMemoryProvider
     EngineMemoryKind Kind { get; }
 
     /// <summary>Opens the regions of one registration.</summary>
+    /// <param name="regions">The regions, as the engine described them.</param>
+    /// <param name="owner">The process the regions belong to, pinned by a pidfd: copies stop once it exits. Null: trust the pids as given (tests and tools).</param>
     /// <exception cref="EngineMemoryException">The regions cannot be opened; the message says why and what to change.</exception>
-    IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions);
+    IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions, Platform.ProcessIdentity? owner = null);
 }
 
 /// <summary>Why engine memory could not be used.</summary>
@@ -78,6 +80,9 @@ public enum EngineMemoryError
 
     /// <summary>The layout does not fit the memory.</summary>
     BadLayout,
+
+    /// <summary>The memory belongs to a process other than the one that registered it, or that process is gone.</summary>
+    NotOwner,
 }
 
 /// <summary>A failure to use engine memory.</summary>

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using Connector.Core.Platform;
 
 namespace Connector.Core.Memory;
 
@@ -9,7 +10,7 @@ public sealed class HostProcessMemoryProvider : IEngineMemoryProvider
     public EngineMemoryKind Kind => EngineMemoryKind.HostProcess;
 
     /// <inheritdoc/>
-    public IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions)
+    public IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions, ProcessIdentity? owner = null)
     {
         ArgumentNullException.ThrowIfNull(regions);
         if (regions.Count == 0)
@@ -36,7 +37,12 @@ public sealed class HostProcessMemoryProvider : IEngineMemoryProvider
             }
         }
 
-        var memory = new HostProcessMemory(pid, regions.Select(r => (r.Address, (long)r.Length)).ToArray());
+        if (owner is not null && owner.Pid != pid)
+        {
+            throw new EngineMemoryException(EngineMemoryError.NotOwner, $"the regions belong to process {pid}, not to the registering process {owner.Pid}");
+        }
+
+        var memory = new HostProcessMemory(pid, regions.Select(r => (r.Address, (long)r.Length)).ToArray(), owner);
         memory.Probe();
         return memory;
     }
@@ -46,6 +52,11 @@ public sealed class HostProcessMemoryProvider : IEngineMemoryProvider
 /// An engine process's host memory, copied with process_vm_readv/process_vm_writev: up to 1024 pieces
 /// per system call on each side, contiguous pieces merged, no managed allocation per call.
 /// </summary>
+/// <remarks>
+/// With an owner pinned by a pidfd, a write starts only while the owner is alive and a read is kept only if
+/// the owner is still alive after it, so a pid reused by another process after the engine exited is never
+/// read or written (docs/security.md).
+/// </remarks>
 internal sealed unsafe partial class HostProcessMemory : IEngineMemory
 {
     /// <summary>IOV_MAX on Linux: the most iovecs one process_vm_* call takes on each side.</summary>
@@ -57,11 +68,13 @@ internal sealed unsafe partial class HostProcessMemory : IEngineMemory
 
     private readonly int _pid;
     private readonly (ulong Address, long Length)[] _regions;
+    private readonly ProcessIdentity? _owner;
 
-    internal HostProcessMemory(int pid, (ulong Address, long Length)[] regions)
+    internal HostProcessMemory(int pid, (ulong Address, long Length)[] regions, ProcessIdentity? owner = null)
     {
         _pid = pid;
         _regions = regions;
+        _owner = owner;
     }
 
     public int RegionCount => _regions.Length;
@@ -144,11 +157,22 @@ internal sealed unsafe partial class HostProcessMemory : IEngineMemory
 
     private void Transfer(Iovec* local, int nLocal, Iovec* remote, int nRemote, long expected, bool write)
     {
+        if (write)
+        {
+            EnsureOwnerAlive();
+        }
+
         nint done = write
             ? process_vm_writev(_pid, local, (nuint)nLocal, remote, (nuint)nRemote, 0)
             : process_vm_readv(_pid, local, (nuint)nLocal, remote, (nuint)nRemote, 0);
         if (done == expected)
         {
+            if (!write)
+            {
+                // The pid named the owner for the whole read only if the owner still runs now.
+                EnsureOwnerAlive();
+            }
+
             return;
         }
 
@@ -166,6 +190,14 @@ internal sealed unsafe partial class HostProcessMemory : IEngineMemory
             EFAULT => new EngineMemoryException(EngineMemoryError.Fault, $"process {_pid}: the registered KV memory is not mapped (freed or never allocated)"),
             _ => new EngineMemoryException(EngineMemoryError.Fault, $"process {_pid}: process_vm_{(write ? "writev" : "readv")} failed with errno {errno}"),
         };
+    }
+
+    private void EnsureOwnerAlive()
+    {
+        if (_owner is not null && !_owner.IsAlive())
+        {
+            throw new EngineMemoryException(EngineMemoryError.NotOwner, $"process {_pid}, which registered this memory, has exited");
+        }
     }
 
     [StructLayout(LayoutKind.Sequential)]

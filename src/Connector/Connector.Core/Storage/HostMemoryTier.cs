@@ -21,10 +21,10 @@ public sealed partial class HostMemoryTier : IDisposable
     private readonly HostTierOptions _options;
     private readonly TimeProvider _time;
     private readonly SlabArena _arena;
-    private readonly Dictionary<ChunkKey, int> _index = new(1024);
-    private readonly Stack<int> _freeEntries = new(1024);
+    private readonly Dictionary<ChunkKey, int> _index = [];
+    private readonly Stack<int> _freeEntries = new(16);
     private readonly Dictionary<ulong, Lease> _leases = [];
-    private Entry[] _entries = new Entry[1024];
+    private Entry[] _entries = new Entry[16];
     private int _entryCount;
     private int _lruHead = None;
     private int _lruTail = None;
@@ -48,25 +48,35 @@ public sealed partial class HostMemoryTier : IDisposable
         _arena = new SlabArena(options.CapacityBytes, options.ExtentBytes);
     }
 
-    /// <summary>Bytes of managed metadata the tier holds now (entries, index, free list).</summary>
+    /// <summary>Bytes of managed metadata the tier holds now (entries, index, free list); counted in the byte budget.</summary>
     public long MetadataBytesEstimate
     {
         get
         {
             lock (_lock)
             {
-                // Dictionary: per slot an entry of key + value + hash + next (about 48 bytes) and a bucket int.
-                return ((long)_entries.Length * Unsafe.SizeOf<Entry>()) + (_index.EnsureCapacity(0) * (long)(Unsafe.SizeOf<ChunkKey>() + 16 + 4)) + (_entries.Length * 4L);
+                return MetadataBytesLocked();
             }
         }
     }
+
+    /// <summary>The largest chunk a registration may declare: a quarter of the capacity, so one chunk never empties the cache.</summary>
+    public long MaxChunkBytes => _options.CapacityBytes / 4;
 
     /// <summary>Reserves a slab for a new chunk, evicting if needed.</summary>
     /// <param name="key">The chunk's key.</param>
     /// <param name="parent">The previous chunk's key in its prefix chain, or <see cref="ChunkKey.None"/>.</param>
     /// <param name="bytes">The chunk's size in bytes.</param>
     /// <param name="slab">The reserved slab when the result is <see cref="StoreBegin.Reserved"/>.</param>
-    public StoreBegin TryBeginStore(in ChunkKey key, in ChunkKey parent, long bytes, out SlabRef slab)
+    public StoreBegin TryBeginStore(in ChunkKey key, in ChunkKey parent, long bytes, out SlabRef slab) => TryBeginStore(key, parent, bytes, 0, out slab);
+
+    /// <summary>Reserves a slab for a new chunk of a namespace, evicting if needed.</summary>
+    /// <param name="key">The chunk's key.</param>
+    /// <param name="parent">The previous chunk's key in its prefix chain, or <see cref="ChunkKey.None"/>.</param>
+    /// <param name="bytes">The chunk's size in bytes.</param>
+    /// <param name="namespaceTag">A tag of the chunk's namespace; a read names it too (<see cref="TryPinForRead(in ChunkKey, long, ulong, out SlabRef)"/>).</param>
+    /// <param name="slab">The reserved slab when the result is <see cref="StoreBegin.Reserved"/>.</param>
+    public StoreBegin TryBeginStore(in ChunkKey key, in ChunkKey parent, long bytes, ulong namespaceTag, out SlabRef slab)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(bytes);
         slab = default;
@@ -84,7 +94,7 @@ public sealed partial class HostMemoryTier : IDisposable
                 return StoreBegin.InProgress;
             }
 
-            if (!TryTakeSlab(bytes, out SlabArena.Extent? extent, out int slot))
+            if (bytes > _options.CapacityBytes || !TryTakeSlab(bytes, out SlabArena.Extent? extent, out int slot))
             {
                 return StoreBegin.NoSpace;
             }
@@ -97,8 +107,10 @@ public sealed partial class HostMemoryTier : IDisposable
             entry.Slot = slot;
             entry.Address = extent!.Address(slot);
             entry.Length = bytes;
+            entry.NamespaceTag = namespaceTag;
             entry.State = EntryState.Reserved;
             _index[key] = e;
+            _arena.MetadataBytes = MetadataBytesLocked();
             _usedBytes += bytes;
             slab = new SlabRef(entry.Address, bytes, e, entry.Generation);
             return StoreBegin.Reserved;
@@ -163,11 +175,16 @@ public sealed partial class HostMemoryTier : IDisposable
     }
 
     /// <summary>Pins a stored chunk so it is neither evicted nor freed while it is copied out.</summary>
-    public bool TryPinForRead(in ChunkKey key, out SlabRef slab)
+    public bool TryPinForRead(in ChunkKey key, out SlabRef slab) => TryPinForRead(key, -1, 0, out slab);
+
+    /// <summary>Pins a stored chunk of exactly <paramref name="expectedLength"/> bytes (-1: any) stored under <paramref name="namespaceTag"/>.</summary>
+    /// <remarks>A chunk of another length or namespace is treated as absent: a copy never runs past a slab or across namespaces.</remarks>
+    public bool TryPinForRead(in ChunkKey key, long expectedLength, ulong namespaceTag, out SlabRef slab)
     {
         lock (_lock)
         {
-            if (_index.TryGetValue(key, out int e) && _entries[e].State == EntryState.Committed)
+            if (_index.TryGetValue(key, out int e) && _entries[e].State == EntryState.Committed
+                && (expectedLength < 0 || (_entries[e].Length == expectedLength && _entries[e].NamespaceTag == namespaceTag)))
             {
                 ref Entry entry = ref _entries[e];
                 entry.Pins++;
@@ -256,6 +273,7 @@ public sealed partial class HostMemoryTier : IDisposable
 
     private bool TryTakeSlab(long bytes, out SlabArena.Extent? extent, out int slot)
     {
+        bool checkedRoom = false;
         while (true)
         {
             if (_arena.TryTake(bytes, out extent, out slot))
@@ -270,6 +288,12 @@ public sealed partial class HostMemoryTier : IDisposable
             }
 
             ExpireLeasesLocked();
+            if (!checkedRoom && !EvictionCanMakeRoom(bytes))
+            {
+                return false;
+            }
+
+            checkedRoom = true;
             int victim = FindVictim(bytes, sameSizeOnly: true);
             if (victim == None)
             {
@@ -285,6 +309,28 @@ public sealed partial class HostMemoryTier : IDisposable
             _evictions++;
         }
     }
+
+    /// <summary>
+    /// Whether evicting every chunk that is not leased, pinned or being written would free at least
+    /// <paramref name="bytes"/>: if not, nothing is evicted for a store that would fail anyway.
+    /// </summary>
+    private bool EvictionCanMakeRoom(long bytes)
+    {
+        long reclaimable = 0;
+        for (int e = _lruTail; e != None && reclaimable < bytes; e = _entries[e].Prev)
+        {
+            if (_entries[e].Pins == 0 && _entries[e].Leases == 0)
+            {
+                reclaimable += _entries[e].Length;
+            }
+        }
+
+        return reclaimable >= bytes;
+    }
+
+    private long MetadataBytesLocked() =>
+        // Entry structs, the free-entry stack, and per index slot a key + value + hash + next (about 48 bytes) and a bucket.
+        ((long)_entries.Length * (Unsafe.SizeOf<Entry>() + sizeof(int))) + (_index.EnsureCapacity(0) * (long)(Unsafe.SizeOf<ChunkKey>() + 16 + 4));
 
     /// <summary>The least recently used chunk that may go: not leased, pinned, or the prefix of a stored chunk.</summary>
     private int FindVictim(long bytes, bool sameSizeOnly)
@@ -337,6 +383,7 @@ public sealed partial class HostMemoryTier : IDisposable
         if (_entryCount == _entries.Length)
         {
             Array.Resize(ref _entries, _entries.Length * 2);
+            _arena.MetadataBytes = MetadataBytesLocked();
         }
 
         e = _entryCount++;
@@ -419,6 +466,7 @@ public sealed partial class HostMemoryTier : IDisposable
         public SlabArena.Extent? Extent;
         public nint Address;
         public long Length;
+        public ulong NamespaceTag;
         public int Slot;
         public int Generation;
         public int Prev;

@@ -33,7 +33,7 @@ public sealed class HostTierOptions
     }
 }
 
-/// <summary>What <see cref="HostMemoryTier.TryBeginStore"/> did.</summary>
+/// <summary>What <see cref="HostMemoryTier.TryBeginStore(in Keys.ChunkKey, in Keys.ChunkKey, long, ulong, out SlabRef)"/> did.</summary>
 public enum StoreBegin
 {
     /// <summary>A slab is reserved for the chunk: copy into it, then commit or abort.</summary>

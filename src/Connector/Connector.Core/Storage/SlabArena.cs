@@ -26,6 +26,9 @@ internal sealed unsafe partial class SlabArena : IDisposable
 
     public long AllocatedBytes => _allocated;
 
+    /// <summary>Bytes of the owner's metadata charged against the same budget as the extents.</summary>
+    public long MetadataBytes { get; set; }
+
     /// <summary>Takes a free slab of <paramref name="slabBytes"/>, allocating an extent if the budget allows.</summary>
     public bool TryTake(long slabBytes, out Extent? extent, out int slot)
     {
@@ -41,7 +44,7 @@ internal sealed unsafe partial class SlabArena : IDisposable
         }
 
         long bytes = c.ExtentBytes;
-        if (_allocated + bytes > _capacity)
+        if (_allocated + MetadataBytes + bytes > _capacity)
         {
             extent = null;
             slot = -1;
@@ -57,7 +60,7 @@ internal sealed unsafe partial class SlabArena : IDisposable
     }
 
     /// <summary>Whether a new extent for this slab size fits the budget now.</summary>
-    public bool ExtentFits(long slabBytes) => _allocated + ClassOf(slabBytes).ExtentBytes <= _capacity;
+    public bool ExtentFits(long slabBytes) => _allocated + MetadataBytes + ClassOf(slabBytes).ExtentBytes <= _capacity;
 
     /// <summary>Frees every completely empty extent of classes other than <paramref name="keepSlabBytes"/>, returning its bytes to the budget.</summary>
     public bool ReleaseEmptyExtents(long keepSlabBytes)

@@ -1,7 +1,7 @@
 using System.Text;
 using Microsoft.Extensions.Options;
 
-namespace Connector.Sidecar;
+namespace Connector.Server;
 
 /// <summary>Checks the settings that attributes cannot express, with messages that say what to change.</summary>
 internal sealed class SidecarOptionsValidator : IValidateOptions<SidecarOptions>
@@ -40,6 +40,19 @@ internal sealed class SidecarOptionsValidator : IValidateOptions<SidecarOptions>
         if (options.ShutdownTimeout < TimeSpan.Zero)
         {
             failures.Add("Sidecar:ShutdownTimeout must not be negative.");
+        }
+
+        foreach (var (setting, value) in new[] { ("HelloTimeout", options.HelloTimeout), ("SendTimeout", options.SendTimeout), ("DefaultCopyTimeout", options.DefaultCopyTimeout) })
+        {
+            if (value <= TimeSpan.Zero || value > TimeSpan.FromHours(1))
+            {
+                failures.Add($"Sidecar:{setting} must be between 0 and 1 hour, e.g. 00:00:05 (got {value}).");
+            }
+        }
+
+        if (options.MinChunkBytes > options.MaxChunkBytes)
+        {
+            failures.Add($"Sidecar:MinChunkBytes ({options.MinChunkBytes}) is above Sidecar:MaxChunkBytes ({options.MaxChunkBytes}).");
         }
 
         return failures.Count == 0 ? ValidateOptionsResult.Success : ValidateOptionsResult.Fail(failures);

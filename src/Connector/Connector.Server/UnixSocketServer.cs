@@ -1,11 +1,12 @@
 using System.Collections.Concurrent;
 using System.Net.Sockets;
 using Connector.Core.Caching;
+using Connector.Core.Platform;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 
-namespace Connector.Sidecar.Server;
+namespace Connector.Server;
 
 /// <summary>
 /// Listens on the Unix socket, runs one <see cref="SidecarConnection"/> per engine connection, expires
@@ -17,11 +18,13 @@ namespace Connector.Sidecar.Server;
 /// </remarks>
 internal sealed class UnixSocketServer(
     KvCacheService cache,
+    CopyThreads copyThreads,
     ServerCounters counters,
     IOptions<SidecarOptions> options,
     TimeProvider time,
     ILoggerFactory loggerFactory) : IHostedService, IAsyncDisposable
 {
+    private readonly InstanceClaims _claims = new();
     private readonly SidecarOptions _options = options.Value;
     private readonly ILogger _logger = loggerFactory.CreateLogger<UnixSocketServer>();
     private readonly ConcurrentDictionary<long, SidecarConnection> _connections = new();
@@ -148,8 +151,21 @@ internal sealed class UnixSocketServer(
                 continue;
             }
 
+            ProcessIdentity peer;
+            try
+            {
+                // Who connected, as the kernel recorded it at connect(): every request of the connection is bound to it.
+                peer = PeerCredentials.Read(socket);
+            }
+            catch (SocketException ex)
+            {
+                SidecarLog.AcceptFailed(_logger, ex);
+                socket.Dispose();
+                continue;
+            }
+
             long sessionId = Interlocked.Increment(ref _nextSessionId);
-            var connection = new SidecarConnection(sessionId, socket, cache, counters, _options, _logger);
+            var connection = new SidecarConnection(sessionId, socket, peer, cache, _claims, copyThreads, counters, _options, _logger);
             _connections[sessionId] = connection;
             var thread = new Thread(() => RunConnection(connection), 256 * 1024) { IsBackground = true, Name = $"kvsidecar-conn-{sessionId}" };
             _threads[sessionId] = thread;
@@ -169,6 +185,7 @@ internal sealed class UnixSocketServer(
             _threads.TryRemove(connection.SessionId, out _);
             cache.OnSessionClosed(connection.SessionId);
             connection.Dispose();
+            connection.Peer.Dispose();
         }
     }
 

@@ -1,6 +1,6 @@
 using Microsoft.Extensions.Logging;
 
-namespace Connector.Sidecar.Server;
+namespace Connector.Server;
 
 /// <summary>Log messages of the socket server and its connections.</summary>
 internal static partial class SidecarLog
@@ -23,8 +23,8 @@ internal static partial class SidecarLog
     [LoggerMessage(EventId = 6, EventName = "HandlerFailed", Level = LogLevel.Error, Message = "Connection {SessionId}: request {RequestId} ({Opcode}) failed")]
     public static partial void HandlerFailed(ILogger logger, Exception exception, long sessionId, ulong requestId, string opcode);
 
-    [LoggerMessage(EventId = 7, EventName = "Registered", Level = LogLevel.Information, Message = "Connection {SessionId}: {InstanceId} rank {Rank} registered {Layers} layers of {ModelId}, chunk {ChunkBytes} bytes, layout {Fingerprint}")]
-    public static partial void Registered(ILogger logger, long sessionId, string instanceId, int rank, int layers, string modelId, long chunkBytes, string fingerprint);
+    [LoggerMessage(EventId = 7, EventName = "Registered", Level = LogLevel.Information, Message = "Connection {SessionId}: {InstanceId} rank {Rank} registered {Layers} layers of {ModelId}, chunk {ChunkBytes} bytes, layout {Fingerprint} (process {Pid}, uid {Uid})")]
+    public static partial void Registered(ILogger logger, long sessionId, string instanceId, int rank, int layers, string modelId, long chunkBytes, string fingerprint, int pid, uint uid);
 
     [LoggerMessage(EventId = 8, EventName = "TooManyConnections", Level = LogLevel.Warning, Message = "Refused a connection: {Max} connections already open")]
     public static partial void TooManyConnections(ILogger logger, int max);
@@ -37,4 +37,10 @@ internal static partial class SidecarLog
 
     [LoggerMessage(EventId = 11, EventName = "AcceptFailed", Level = LogLevel.Error, Message = "Accepting a connection failed")]
     public static partial void AcceptFailed(ILogger logger, Exception exception);
+
+    [LoggerMessage(EventId = 12, EventName = "ConnectionDropped", Level = LogLevel.Warning, Message = "Connection {SessionId} ({Peer}): dropped, {Reason}")]
+    public static partial void ConnectionDropped(ILogger logger, long sessionId, string peer, string reason);
+
+    [LoggerMessage(EventId = 13, EventName = "ConnectionFailed", Level = LogLevel.Error, Message = "Connection {SessionId} ({Peer}) failed and was closed; the sidecar serves on")]
+    public static partial void ConnectionFailed(ILogger logger, Exception exception, long sessionId, string peer);
 }

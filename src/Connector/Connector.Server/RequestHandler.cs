@@ -1,24 +1,38 @@
 using System.Buffers;
 using System.Reflection;
+using System.Text;
 using Connector.Core.Caching;
 using Connector.Core.Memory;
+using Connector.Core.Platform;
 using Connector.Protocol;
 using Connector.Protocol.Framing;
 using Connector.Protocol.Messages;
 using Microsoft.Extensions.Logging;
 
-namespace Connector.Sidecar.Server;
+namespace Connector.Server;
 
-/// <summary>A decoded STORE or LOAD waiting for a thread to copy it.</summary>
-internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, string RequestId, string? CacheSalt, byte[]? Tokens, byte[]? Keys, int FirstChunk, int NumChunks, byte[] BlockIds, uint DeadlineMs = 0)
+/// <summary>A decoded STORE or LOAD waiting for a copy thread.</summary>
+/// <param name="Opcode">STORE or LOAD.</param>
+/// <param name="Registration">The connection's registration.</param>
+/// <param name="RequestId">The engine's request id.</param>
+/// <param name="CacheSalt">The tenant salt.</param>
+/// <param name="Tokens">The request's tokens, u32le.</param>
+/// <param name="FirstChunk">The first chunk named.</param>
+/// <param name="NumChunks">The chunks named.</param>
+/// <param name="BlockIds">The engine block ids, i32le.</param>
+/// <param name="Deadline">When the copy must stop (the engine's deadline, capped by Sidecar:DefaultCopyTimeout).</param>
+internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, string RequestId, string? CacheSalt, byte[] Tokens, int FirstChunk, int NumChunks, byte[] BlockIds, CopyDeadline Deadline)
 {
-    /// <summary>When the request arrived (Stopwatch ticks): the engine's deadline counts from about then.</summary>
-    public long ArrivedAt { get; } = System.Diagnostics.Stopwatch.GetTimestamp();
+    /// <summary>Bytes the copy moves at most (chunks times chunk bytes), for the connection's in-flight budget.</summary>
+    public long Bytes => Math.Max(0, NumChunks) * Registration.Geometry.ChunkBytes;
 }
 
 /// <summary>Turns one connection's decoded requests into calls on the cache and builds the replies.</summary>
-/// <remarks>Holds the connection's HELLO state and registration. Not thread-safe except <see cref="RunCopy"/>.</remarks>
-internal sealed class RequestHandler(long sessionId, KvCacheService cache, ServerCounters counters, SidecarOptions options, ILogger logger)
+/// <remarks>
+/// Holds the connection's HELLO state, its peer's identity (from the kernel, never from the client) and its
+/// registration. Not thread-safe except <see cref="RunCopy"/>. Dispose leaves the instance claim.
+/// </remarks>
+internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCacheService cache, InstanceClaims claims, ServerCounters counters, SidecarOptions options, ILogger logger) : IDisposable
 {
     private static readonly string ServerVersion = typeof(RequestHandler).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "0";
     private static readonly string[] ServerCapabilities = ["host-memory"];
@@ -31,6 +45,12 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
     public string Role { get; private set; } = "unknown";
 
     public int Rank { get; private set; }
+
+    /// <summary>The connecting process, as the kernel reported it.</summary>
+    public ProcessIdentity Peer => peer;
+
+    /// <summary>The connection's registration, if any.</summary>
+    public EngineRegistration? Registration => _registration;
 
     public static bool IsCopy(Opcode opcode) => opcode is Opcode.Store or Opcode.Load;
 
@@ -54,6 +74,8 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
                     CacheError.NotRegistered => ErrorCode.NotReady,
                     CacheError.Unsupported => ErrorCode.Unsupported,
                     CacheError.UnknownLease => ErrorCode.UnknownLease,
+                    CacheError.PermissionDenied => ErrorCode.PermissionDenied,
+                    CacheError.LimitExceeded => ErrorCode.LimitExceeded,
                     _ => ErrorCode.Internal,
                 };
                 return true;
@@ -79,7 +101,7 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
             Opcode.Register => Register(ProtocolSerializer.Deserialize<RegisterRequest>(body)),
             Opcode.Lookup => Lookup(ProtocolSerializer.Deserialize<LookupRequest>(body)),
             Opcode.Release => Release(ProtocolSerializer.Deserialize<ReleaseRequest>(body)),
-            Opcode.Clear => new ClearReply { RemovedChunks = cache.Clear() },
+            Opcode.Clear => Clear(),
             Opcode.Stats => Stats(),
             Opcode.Store or Opcode.Load => throw new ProtocolException(ErrorCode.NotReady, $"{opcode} before HELLO; send HELLO first."),
             _ => throw new ProtocolException(ErrorCode.UnknownOpcode, $"opcode {(ushort)opcode} is not known to this sidecar (protocol version {FrameHeader.CurrentVersion})."),
@@ -87,52 +109,82 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
     }
 
     /// <summary>Decodes a STORE or LOAD and checks it can run.</summary>
-    public CopyJob PrepareCopy(Opcode opcode, in ReadOnlySequence<byte> body)
+    /// <param name="opcode">STORE or LOAD.</param>
+    /// <param name="body">The frame body.</param>
+    /// <param name="cancellation">Cancelled when the connection closes: the copy stops.</param>
+    public CopyJob PrepareCopy(Opcode opcode, in ReadOnlySequence<byte> body, CancellationToken cancellation)
     {
+        long arrived = MonotonicClock.NowNs;
         EngineRegistration registration = _registration ?? throw new CacheException(CacheError.NotRegistered, $"{opcode} before REGISTER; register the KV memory first.");
+        byte[]? tokens, keys, blockIds;
+        string? requestId, salt;
+        int first, count;
+        long deadline;
         if (opcode == Opcode.Store)
         {
             StoreRequest s = ProtocolSerializer.Deserialize<StoreRequest>(body);
-            return new CopyJob(opcode, registration, s.RequestId ?? string.Empty, s.CacheSalt, s.Tokens, s.Keys, s.FirstChunk, s.NumChunks, s.BlockIds ?? [], s.DeadlineMs);
+            (requestId, salt, tokens, keys, first, count, blockIds) = (s.RequestId, s.CacheSalt, s.Tokens, s.Keys, s.FirstChunk, s.NumChunks, s.BlockIds);
+            deadline = s.DeadlineNs != 0 ? (long)Math.Min(s.DeadlineNs, long.MaxValue) : LegacyStoreDeadline(arrived, s.DeadlineMs);
+        }
+        else
+        {
+            LoadRequest l = ProtocolSerializer.Deserialize<LoadRequest>(body);
+            (requestId, salt, tokens, keys, first, count, blockIds) = (l.RequestId, l.CacheSalt, l.Tokens, l.Keys, l.FirstChunk, l.NumChunks, l.BlockIds);
+            deadline = l.DeadlineNs != 0 ? (long)Math.Min(l.DeadlineNs, long.MaxValue) : long.MaxValue;
         }
 
-        LoadRequest l = ProtocolSerializer.Deserialize<LoadRequest>(body);
-        return new CopyJob(opcode, registration, l.RequestId ?? string.Empty, l.CacheSalt, l.Tokens, l.Keys, l.FirstChunk, l.NumChunks, l.BlockIds ?? []);
+        if (keys is not null)
+        {
+            throw new ProtocolException(ErrorCode.BadRequest, "chunk keys are derived by the sidecar from the namespace, cache_salt and tokens; send tokens and leave keys nil.");
+        }
+
+        if (tokens is null)
+        {
+            throw new ProtocolException(ErrorCode.BadRequest, $"{opcode} needs the request's tokens.");
+        }
+
+        // Every copy ends: the engine's deadline, but never later than the configured bound from now.
+        long cap = arrived + (long)options.DefaultCopyTimeout.TotalNanoseconds;
+        return new CopyJob(opcode, registration, requestId ?? string.Empty, salt, tokens, first, count, blockIds ?? [], new CopyDeadline(Math.Min(deadline, cap), cancellation));
     }
 
     /// <summary>Runs a copy; safe to call from any thread.</summary>
     public object RunCopy(CopyJob job)
     {
-        if ((job.Tokens is null) == (job.Keys is null))
-        {
-            throw new ProtocolException(ErrorCode.BadRequest, "exactly one of tokens and keys must be given.");
-        }
-
-        ChunkSource source = job.Tokens is not null ? ChunkSource.FromTokens(WireArrays.AsTokens(job.Tokens)) : ChunkSource.FromKeys(job.Keys);
+        ChunkSource source = ChunkSource.FromTokens(WireArrays.AsTokens(job.Tokens));
         ReadOnlySpan<int> blocks = WireArrays.AsBlockIds(job.BlockIds);
         if (job.Opcode == Opcode.Store)
         {
-            StoreResult r = cache.Store(job.Registration, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, CommitDeadline(job));
+            StoreResult r = cache.Store(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline);
             return new StoreReply { Stored = r.Stored, AlreadyPresent = r.AlreadyPresent, Failed = r.Failed };
         }
 
-        int loaded = cache.Load(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks);
+        int loaded = cache.Load(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline);
         return new LoadReply { LoadedChunks = loaded };
     }
 
-    /// <summary>
-    /// The last moment (Stopwatch ticks) a store may still commit: the engine's deadline minus a margin of a
-    /// tenth (at least 50 ms) for the time the request spent in transit before it arrived.
-    /// </summary>
-    private static long CommitDeadline(CopyJob job)
+    /// <summary>Leaves the instance claim and ends the registration.</summary>
+    public void Dispose()
     {
-        if (job.DeadlineMs == 0)
+        if (IsReady && InstanceId.Length > 0)
+        {
+            claims.Leave(InstanceId);
+        }
+    }
+
+    /// <summary>
+    /// The deadline of a STORE from a client that sends only the relative <c>deadline_ms</c>: the time it waits
+    /// minus a margin of a tenth (at least 50 ms) for the time the request spent in transit before it arrived.
+    /// </summary>
+    private static long LegacyStoreDeadline(long arrivedNs, uint deadlineMs)
+    {
+        if (deadlineMs == 0)
         {
             return long.MaxValue;
         }
 
-        double ms = Math.Max(0, job.DeadlineMs - Math.Max(50.0, job.DeadlineMs / 10.0));
-        return job.ArrivedAt + (long)(ms * System.Diagnostics.Stopwatch.Frequency / 1000);
+        double ms = Math.Max(0, deadlineMs - Math.Max(50.0, deadlineMs / 10.0));
+        return arrivedNs + (long)(ms * 1_000_000);
     }
 
     private HelloReply Hello(HelloRequest hello)
@@ -142,7 +194,24 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
             throw new ProtocolException(ErrorCode.UnsupportedVersion, $"protocol version {hello.ProtocolVersion} is not supported; this sidecar speaks version {FrameHeader.CurrentVersion}.");
         }
 
-        InstanceId = hello.InstanceId ?? string.Empty;
+        if (IsReady)
+        {
+            throw new ProtocolException(ErrorCode.BadRequest, "HELLO was already done on this connection; open a new connection to speak for another instance.");
+        }
+
+        string instance = hello.InstanceId ?? string.Empty;
+        int maxId = cache.Limits.MaxIdBytes;
+        if (Encoding.UTF8.GetByteCount(instance) > maxId || Encoding.UTF8.GetByteCount(hello.Role ?? string.Empty) > maxId)
+        {
+            throw new ProtocolException(ErrorCode.LimitExceeded, $"an instance id or role longer than Sidecar:MaxIdBytes ({maxId}) bytes.");
+        }
+
+        if (instance.Length > 0 && !claims.TryJoin(instance, peer.Uid, out uint owner))
+        {
+            throw new ProtocolException(ErrorCode.PermissionDenied, $"instance '{instance}' belongs to uid {owner} while it is connected; uid {peer.Uid} cannot speak for it. Use another engine_id.");
+        }
+
+        InstanceId = instance;
         Role = hello.Role ?? "client";
         Rank = hello.Rank;
         IsReady = true;
@@ -162,8 +231,13 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
         NamespaceDescriptor ns = request.Namespace ?? throw new ProtocolException(ErrorCode.BadRequest, "REGISTER without a namespace.");
         LayerDescriptor[] layers = request.Layers ?? throw new ProtocolException(ErrorCode.BadRequest, "REGISTER without layers.");
         var specs = new List<LayerSpec>(layers.Length);
-        foreach (LayerDescriptor layer in layers)
+        foreach (LayerDescriptor? layer in layers)
         {
+            if (layer is null)
+            {
+                throw new ProtocolException(ErrorCode.BadRequest, $"REGISTER layer {specs.Count} is nil.");
+            }
+
             MemoryRefDescriptor m = layer.Memory ?? throw new ProtocolException(ErrorCode.BadRequest, $"layer '{layer.Name}' has no memory reference.");
             LayoutDescriptor l = layer.Layout ?? throw new ProtocolException(ErrorCode.BadRequest, $"layer '{layer.Name}' has no layout.");
             if (!Enum.IsDefined((EngineMemoryKind)m.Kind))
@@ -178,14 +252,14 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
         }
 
         var nsSpec = new NamespaceSpec(ns.ModelId ?? string.Empty, ns.KvDtype ?? string.Empty, ns.BlockTokens, ns.ChunkTokens, ns.TpSize, ns.TpRank, ns.KvGroup, ns.FormatVersion);
-        EngineRegistration registration = cache.Register(sessionId, InstanceId, nsSpec, specs);
+        EngineRegistration registration = cache.Register(sessionId, InstanceId, nsSpec, specs, peer);
         if (_registration is not null)
         {
             cache.Unregister(_registration);
         }
 
         _registration = registration;
-        SidecarLog.Registered(logger, sessionId, InstanceId, ns.TpRank, layers.Length, nsSpec.ModelId, registration.Geometry.ChunkBytes, registration.Geometry.Fingerprint);
+        SidecarLog.Registered(logger, sessionId, InstanceId, ns.TpRank, layers.Length, nsSpec.ModelId, registration.Geometry.ChunkBytes, registration.Geometry.Fingerprint, peer.Pid, peer.Uid);
         return new RegisterReply
         {
             RegistrationId = (ulong)registration.Id,
@@ -204,9 +278,19 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
     private ReleaseReply Release(ReleaseRequest request)
     {
         int released = request.LeaseId != 0
-            ? cache.Release(request.LeaseId)
+            ? cache.Release(request.LeaseId, InstanceId)
             : cache.Release(InstanceId, request.RequestId ?? throw new ProtocolException(ErrorCode.BadRequest, "RELEASE needs a lease id or a request id."));
         return new ReleaseReply { ReleasedChunks = released };
+    }
+
+    private ClearReply Clear()
+    {
+        if (!peer.IsAdministrator)
+        {
+            throw new ProtocolException(ErrorCode.PermissionDenied, $"CLEAR removes every tenant's cache: only root or the sidecar's own user may send it (this is uid {peer.Uid}).");
+        }
+
+        return new ClearReply { RemovedChunks = cache.Clear() };
     }
 
     private StatsReply Stats()
@@ -230,6 +314,10 @@ internal sealed class RequestHandler(long sessionId, KvCacheService cache, Serve
             Connections = (ulong)counters.Connections,
             Registrations = (ulong)s.Registrations,
             LateStores = (ulong)s.LateStores,
+            LateLoads = (ulong)s.LateLoads,
+            PermissionDenied = (ulong)counters.PermissionDenied,
+            LimitsExceeded = (ulong)counters.LimitsExceeded,
+            DroppedConnections = (ulong)counters.DroppedConnections,
         };
     }
 }
