@@ -15,7 +15,6 @@ from . import protocol as p
 logger = logging.getLogger(__name__)
 
 PR_SET_PTRACER = 0x59616D61
-PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 
 
 class UnsupportedLayout(ValueError):
@@ -93,10 +92,14 @@ def grant_ptrace(sidecar_pid: Optional[int]) -> bool:
     if scope >= 2:
         logger.warning("kvsidecar: kernel.yama.ptrace_scope=%d forbids the sidecar to access engine memory unless it "
                        "has CAP_SYS_PTRACE (the systemd unit grants it)", scope)
+    if not sidecar_pid:
+        # Never PR_SET_PTRACER_ANY: that would let every process of this user read and write the KV cache.
+        logger.warning("kvsidecar: the sidecar did not say its pid; not granting ptrace access (loads and stores "
+                       "will fail and be recomputed)")
+        return False
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    target = sidecar_pid if sidecar_pid else PR_SET_PTRACER_ANY
-    if _libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(target), 0, 0, 0) != 0:
+    if _libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(sidecar_pid), 0, 0, 0) != 0:
         logger.warning("kvsidecar: prctl(PR_SET_PTRACER) failed (errno %d)", ctypes.get_errno())
         return False
     return True

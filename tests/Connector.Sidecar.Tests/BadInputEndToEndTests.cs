@@ -38,7 +38,7 @@ public sealed class BadInputEndToEndTests : IDisposable
     [Fact]
     public void Register_LayoutOverflowingRegion_BadLayout()
     {
-        using var w = SidecarClient.Connect(_sidecar.SocketPath, "e", "worker");
+        using var w = _engine.Connect(_sidecar.SocketPath, "e", "worker");
         var tooMany = Assert.Throws<SidecarErrorException>(() => w.Call<RegisterReply>(Opcode.Register, TestPool.Register(_engine, layout: TestPool.Layout(numBlocks: TestPool.Blocks + 1))));
         Assert.Equal(ErrorCode.BadLayout, tooMany.Code);
         var hugeStride = Assert.Throws<SidecarErrorException>(() => w.Call<RegisterReply>(Opcode.Register, TestPool.Register(_engine, layout: TestPool.Layout(strideBlock: long.MaxValue / 2))));
@@ -148,7 +148,7 @@ public sealed class BadInputEndToEndTests : IDisposable
         string before = _engine.Hash(1, 0, 4L * TestPool.BlockBytes);
 
         using var victim = TestPool.StartEngine();
-        using var vw = SidecarClient.Connect(_sidecar.SocketPath, "victim", "worker");
+        using var vw = victim.Connect(_sidecar.SocketPath, "victim", "worker");
         vw.Call<RegisterReply>(Opcode.Register, TestPool.Register(victim));
         victim.Kill();
         var ex = Assert.Throws<SidecarErrorException>(() => vw.Call<StoreReply>(Opcode.Store, TestPool.Store(TestPool.Tokens(TestPool.ChunkTokens, 11), 0, 1, [0, 1, 2, 3])));
@@ -179,7 +179,7 @@ public sealed class BadInputEndToEndTests : IDisposable
 
     private SidecarClient RegisteredWorker()
     {
-        var w = SidecarClient.Connect(_sidecar.SocketPath, "e", "worker");
+        var w = _engine.Connect(_sidecar.SocketPath, "e", "worker");
         w.Call<RegisterReply>(Opcode.Register, TestPool.Register(_engine));
         return w;
     }

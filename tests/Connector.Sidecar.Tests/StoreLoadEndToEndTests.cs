@@ -17,8 +17,8 @@ public sealed class StoreLoadEndToEndTests
         using var consumer = TestPool.StartEngine();
         producer.Command("fill 7");
         consumer.Command("zero");
-        using var p = SidecarClient.Connect(sidecar.SocketPath, "engine-a", "worker");
-        using var c = SidecarClient.Connect(sidecar.SocketPath, "engine-b", "worker");
+        using var p = producer.Connect(sidecar.SocketPath, "engine-a", "worker");
+        using var c = consumer.Connect(sidecar.SocketPath, "engine-b", "worker");
         using var scheduler = SidecarClient.Connect(sidecar.SocketPath, "engine-b", "scheduler");
         p.Call<RegisterReply>(Opcode.Register, TestPool.Register(producer));
         c.Call<RegisterReply>(Opcode.Register, TestPool.Register(consumer));
@@ -59,7 +59,7 @@ public sealed class StoreLoadEndToEndTests
         using var sidecar = SidecarProcess.Start();
         using var engine = TestPool.StartEngine();
         engine.Command("fill 3");
-        using var w = SidecarClient.Connect(sidecar.SocketPath, "e", "worker");
+        using var w = engine.Connect(sidecar.SocketPath, "e", "worker");
         w.Call<RegisterReply>(Opcode.Register, TestPool.Register(engine));
         uint[] tokens = TestPool.Tokens(TestPool.ChunkTokens, seed: 2);
         Assert.Equal(1, w.Call<StoreReply>(Opcode.Store, TestPool.Store(tokens, 0, 1, [0, 1, 2, 3])).Stored);
@@ -78,7 +78,7 @@ public sealed class StoreLoadEndToEndTests
         using var sidecar = SidecarProcess.Start();
         using var engine = TestPool.StartEngine();
         engine.Command("fill 1");
-        using var w = SidecarClient.Connect(sidecar.SocketPath, "e", "worker");
+        using var w = engine.Connect(sidecar.SocketPath, "e", "worker");
         w.Call<RegisterReply>(Opcode.Register, TestPool.Register(engine));
         uint[] tokens = TestPool.Tokens(2 * TestPool.ChunkTokens, seed: 5);
         Assert.Equal(2, w.Call<StoreReply>(Opcode.Store, TestPool.Store(tokens, 0, 2, [0, 1, 2, 3, 4, 5, 6, 7])).Stored);
@@ -96,7 +96,7 @@ public sealed class StoreLoadEndToEndTests
         using var sidecar = SidecarProcess.Start();
         using var engine = TestPool.StartEngine();
         engine.Command("fill 11");
-        using var w = SidecarClient.Connect(sidecar.SocketPath, "e", "worker");
+        using var w = engine.Connect(sidecar.SocketPath, "e", "worker");
         w.Call<RegisterReply>(Opcode.Register, TestPool.Register(engine));
         var sequences = Enumerable.Range(0, 16).Select(i => TestPool.Tokens(TestPool.ChunkTokens, seed: (uint)(100 + i))).ToArray();
         Task<StoreReply>[] stores = sequences
@@ -127,7 +127,7 @@ public sealed class StoreLoadEndToEndTests
         using var sidecar = SidecarProcess.Start();
         using var engine = TestPool.StartEngine();
         engine.Command("fill 1");
-        using var w = SidecarClient.Connect(sidecar.SocketPath, "e", "worker");
+        using var w = engine.Connect(sidecar.SocketPath, "e", "worker");
         using var s = SidecarClient.Connect(sidecar.SocketPath, "e", "scheduler");
         w.Call<RegisterReply>(Opcode.Register, TestPool.Register(engine));
         uint[] tokens = TestPool.Tokens(TestPool.ChunkTokens + 1, seed: 9);
@@ -145,8 +145,8 @@ public sealed class StoreLoadEndToEndTests
         using var rank1 = TestPool.StartEngine();
         rank0.Command("fill 1");
         rank1.Command("fill 2");
-        using var w0 = SidecarClient.Connect(sidecar.SocketPath, "tp", "worker", 0);
-        using var w1 = SidecarClient.Connect(sidecar.SocketPath, "tp", "worker", 1);
+        using var w0 = rank0.Connect(sidecar.SocketPath, "tp", "worker", 0);
+        using var w1 = rank1.Connect(sidecar.SocketPath, "tp", "worker", 1);
         using var s = SidecarClient.Connect(sidecar.SocketPath, "tp", "scheduler");
         w0.Call<RegisterReply>(Opcode.Register, TestPool.Register(rank0, tpSize: 2, tpRank: 0));
         w1.Call<RegisterReply>(Opcode.Register, TestPool.Register(rank1, tpSize: 2, tpRank: 1));

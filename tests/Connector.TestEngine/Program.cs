@@ -7,12 +7,16 @@ namespace Connector.TestEngine;
 /// <summary>
 /// A stand-in for a CPU engine process: owns KV regions in its own memory, grants the sidecar access
 /// (prctl PR_SET_PTRACER), prints them as one JSON line, then answers line commands on stdin:
-/// <c>fill SEED</c>, <c>zero</c>, <c>hash REGION OFFSET LENGTH</c> (lowercase hex SHA-256), <c>exit</c>.
+/// <c>fill SEED</c>, <c>zero</c>, <c>hash REGION OFFSET LENGTH</c> (lowercase hex SHA-256),
+/// <c>connect SOCKET_PATH</c> (connects to the sidecar and prints the descriptor), <c>exit</c>.
 /// </summary>
 internal static unsafe partial class Program
 {
     private const int PrSetPtracer = 0x59616d61;
     private const ulong PrSetPtracerAny = ulong.MaxValue;
+
+    /// <summary>Sockets connected for the test: kept open here so their descriptors stay valid to take over.</summary>
+    private static readonly List<System.Net.Sockets.Socket> Sockets = [];
 
     public static int Main(string[] args)
     {
@@ -57,6 +61,14 @@ internal static unsafe partial class Program
                         }
 
                         Console.Out.WriteLine("ok");
+                        break;
+                    case "connect":
+                        // Connects to the sidecar from this process, so the sidecar sees this process as the peer;
+                        // the test takes the socket over with pidfd_getfd and speaks for this engine.
+                        var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+                        socket.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(parts[1]));
+                        Sockets.Add(socket);
+                        Console.Out.WriteLine(socket.SafeHandle.DangerousGetHandle().ToString(CultureInfo.InvariantCulture));
                         break;
                     case "zero":
                         for (int r = 0; r < layers; r++)

@@ -1,11 +1,14 @@
 using System.Diagnostics;
 using System.Globalization;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using System.Text.Json;
+using Connector.Client;
 
 namespace Connector.Testing;
 
 /// <summary>A second process that owns a KV pool in its own memory, as a CPU engine would (Connector.TestEngine).</summary>
-public sealed class TestEngineProcess : IDisposable
+public sealed partial class TestEngineProcess : IDisposable
 {
     private readonly Process _process;
 
@@ -54,11 +57,47 @@ public sealed class TestEngineProcess : IDisposable
         return answer.StartsWith("error", StringComparison.Ordinal) ? throw new InvalidOperationException(answer) : answer;
     }
 
+    /// <summary>
+    /// A client of the sidecar whose connection the engine process made: the sidecar binds it to the engine
+    /// (its pid and uid), so it may register the engine's memory. The test speaks on it through a copy of the
+    /// engine's socket descriptor (pidfd_getfd).
+    /// </summary>
+    public SidecarClient Connect(string socketPath, string instanceId, string role = "worker", int rank = 0, bool multiplexed = true) =>
+        SidecarClient.Adopt(TakeSocket(socketPath), instanceId, role, rank, multiplexed);
+
+    /// <summary>A socket the engine process connected to <paramref name="socketPath"/>, duplicated into this process.</summary>
+    public Socket TakeSocket(string socketPath)
+    {
+        int remoteFd = int.Parse(Command($"connect {socketPath}"), CultureInfo.InvariantCulture);
+        int pidfd = (int)syscall(SysPidfdOpen, Pid, 0, 0);
+        if (pidfd < 0)
+        {
+            throw new InvalidOperationException($"pidfd_open({Pid}) failed: errno {Marshal.GetLastPInvokeError()}");
+        }
+
+        try
+        {
+            int fd = (int)syscall(SysPidfdGetfd, pidfd, remoteFd, 0);
+            return fd < 0
+                ? throw new InvalidOperationException($"pidfd_getfd failed: errno {Marshal.GetLastPInvokeError()}")
+                : new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+        }
+        finally
+        {
+            _ = close(pidfd);
+        }
+    }
+
     /// <summary>SHA-256 (hex) of bytes of one region, computed inside the engine process.</summary>
     public string Hash(int region, long offset, long length) =>
         Command(string.Create(CultureInfo.InvariantCulture, $"hash {region} {offset} {length}"));
 
-    public void Kill() => _process.Kill(entireProcessTree: true);
+    /// <summary>Kills the engine and waits until it is gone.</summary>
+    public void Kill()
+    {
+        _process.Kill(entireProcessTree: true);
+        _process.WaitForExit(TimeSpan.FromSeconds(10));
+    }
 
     public void Dispose()
     {
@@ -82,4 +121,13 @@ public sealed class TestEngineProcess : IDisposable
 
         _process.Dispose();
     }
+
+    private const long SysPidfdOpen = 434;
+    private const long SysPidfdGetfd = 438;
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial long syscall(long number, int a, int b, int c);
+
+    [LibraryImport("libc")]
+    private static partial int close(int fd);
 }

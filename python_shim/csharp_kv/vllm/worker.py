@@ -84,12 +84,15 @@ class WorkerSide:
         if meta is None or not meta.loads:
             return
         sync: List[Tuple[object, LoadOp]] = []
-        now = time.monotonic()
+        now_ns = time.monotonic_ns()
+        now = now_ns / 1e9
+        # The sidecar writes nothing into our blocks after the moment we stop waiting (CLOCK_MONOTONIC, shared).
+        deadline_ns = now_ns + int(self.cfg.transfer_timeout_ms * 1_000_000)
         for op in meta.loads:
             if op.req_id in self._async:
                 continue  # already running (MR V2 may call start_load_kv twice in a step)
             fut = self.client.submit(p.Opcode.LOAD, p.load(op.req_id, op.cache_salt, op.tokens, op.first_chunk,
-                                                           op.num_chunks, op.block_ids, op.lease_id))
+                                                           op.num_chunks, op.block_ids, op.lease_id, deadline_ns))
             self.stats["loads"] += 1
             if op.is_async:
                 self._async[op.req_id] = (fut, op, now)
@@ -142,13 +145,15 @@ class WorkerSide:
         blocks may be reused at once. Failures are dropped (the chunks are simply not cached)."""
         if meta is None or not meta.stores:
             return
-        started = time.monotonic()
-        # The sidecar discards a copy that ends after we stop waiting: we reuse the blocks then.
+        started_ns = time.monotonic_ns()
+        started = started_ns / 1e9
+        # The sidecar commits nothing it copied after we stop waiting (CLOCK_MONOTONIC, shared): we reuse the blocks then.
         deadline_ms = int(self.cfg.transfer_timeout_ms)
+        deadline_ns = started_ns + deadline_ms * 1_000_000
         futs = [(self.client.submit(p.Opcode.STORE, p.store(op.req_id, op.cache_salt, op.tokens, op.first_chunk,
-                                                            op.num_chunks, op.block_ids, deadline_ms)), op)
+                                                            op.num_chunks, op.block_ids, deadline_ms, deadline_ns)), op)
                 for op in meta.stores]
-        deadline = time.monotonic() + self.cfg.transfer_timeout_ms / 1000
+        deadline = deadline_ns / 1e9
         for fut, op in futs:
             reply = self.client.wait(fut, max(0.0, deadline - time.monotonic()))
             self.stats["stores"] += 1

@@ -59,6 +59,19 @@ public sealed class SidecarClient : IDisposable
             throw;
         }
 
+        return Adopt(socket, instanceId, role, rank, multiplexed);
+    }
+
+    /// <summary>Takes over a socket already connected to the sidecar (for example one another process connected and passed on) and sends HELLO.</summary>
+    /// <remarks>The sidecar binds the connection to the process that called connect(), not to this one.</remarks>
+    /// <param name="socket">The connected socket; the client owns it from now on.</param>
+    /// <param name="instanceId">The engine instance this client belongs to.</param>
+    /// <param name="role">"scheduler", "worker" or "client".</param>
+    /// <param name="rank">The tensor-parallel rank.</param>
+    /// <param name="multiplexed">See <see cref="Connect(string, string, string, int, bool)"/>.</param>
+    public static SidecarClient Adopt(Socket socket, string instanceId, string role = "client", int rank = 0, bool multiplexed = true)
+    {
+        ArgumentNullException.ThrowIfNull(socket);
         var client = new SidecarClient(socket, multiplexed);
         client.Server = client.Call<HelloReply>(Opcode.Hello, new HelloRequest
         {

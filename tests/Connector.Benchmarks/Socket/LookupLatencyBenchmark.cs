@@ -25,7 +25,7 @@ internal static class LookupLatencyBenchmark
         try
         {
             engine.Command("fill 1");
-            using var worker = SidecarClient.Connect(sidecar.SocketPath, "bench", "worker");
+            using var worker = engine.Connect(sidecar.SocketPath, "bench", "worker");
             using var scheduler = SidecarClient.Connect(sidecar.SocketPath, "bench", "scheduler", multiplexed: false);
             RegisterRequest register = TestPool.Register(engine);
             register.Namespace!.ChunkTokens = ChunkTokens;

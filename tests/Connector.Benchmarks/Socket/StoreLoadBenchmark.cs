@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
-using Connector.Client;
 using Connector.Protocol;
 using Connector.Protocol.Framing;
 using Connector.Protocol.Messages;
@@ -30,7 +29,7 @@ internal static unsafe class StoreLoadBenchmark
         using var sidecar = SidecarProcess.Start(capacityBytes: 2 * bytes);
         using var engine = TestEngineProcess.Start(Layers, Blocks, 2 * HalfBlockBytes);
         engine.Command("fill 3");
-        using var worker = SidecarClient.Connect(sidecar.SocketPath, "bench", "worker");
+        using var worker = engine.Connect(sidecar.SocketPath, "bench", "worker");
         worker.Call<RegisterReply>(Opcode.Register, Register(engine));
         uint[] tokens = TestPool.Tokens(Chunks * ChunkTokens, 2);
         int[] blocks = Enumerable.Range(0, Blocks).Reverse().ToArray();

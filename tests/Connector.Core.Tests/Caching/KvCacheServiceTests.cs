@@ -1,3 +1,4 @@
+using Connector.Testing;
 using Connector.Core.Caching;
 using Connector.Core.Memory;
 using Connector.Core.Storage;

@@ -196,7 +196,7 @@ internal sealed unsafe partial class HostProcessMemory : IEngineMemory
     {
         if (_owner is not null && !_owner.IsAlive())
         {
-            throw new EngineMemoryException(EngineMemoryError.NotOwner, $"process {_pid}, which registered this memory, has exited");
+            throw new EngineMemoryException(EngineMemoryError.Fault, $"process {_pid}, which registered this memory, has exited");
         }
     }
 

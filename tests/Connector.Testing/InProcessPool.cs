@@ -2,13 +2,13 @@ using System.Runtime.InteropServices;
 using Connector.Core.Caching;
 using Connector.Core.Memory;
 
-namespace Connector.Core.Tests.Caching;
+namespace Connector.Testing;
 
 /// <summary>
 /// A KV pool in this process's own native memory, registered through the real host data plane
 /// (process_vm_readv/writev on our own pid): blocks-first layers of 16-token blocks, 2 heads, 64-byte rows.
 /// </summary>
-internal sealed unsafe class InProcessPool : IDisposable
+public sealed unsafe class InProcessPool : IDisposable
 {
     public const int BlockTokens = 16;
     public const int Heads = 2;
