@@ -1,6 +1,8 @@
 using System.Globalization;
+using System.Reflection;
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
+using System.Text.Json.Nodes;
 
 namespace Connector.TestEngine;
 
@@ -8,7 +10,8 @@ namespace Connector.TestEngine;
 /// A stand-in for a CPU engine process: owns KV regions in its own memory, grants the sidecar access
 /// (prctl PR_SET_PTRACER), prints them as one JSON line, then answers line commands on stdin:
 /// <c>fill SEED</c>, <c>zero</c>, <c>hash REGION OFFSET LENGTH</c> (lowercase hex SHA-256),
-/// <c>connect SOCKET_PATH</c> (connects to the sidecar and prints the descriptor), <c>exit</c>.
+/// <c>connect SOCKET_PATH</c> (connects to the sidecar and prints the descriptor), <c>exit</c>,
+/// <c>open-host-memory PID ADDRESS LENGTH CORE_DLL</c> (see <see cref="OpenHostMemory"/>).
 /// </summary>
 internal static unsafe partial class Program
 {
@@ -90,6 +93,9 @@ internal static unsafe partial class Program
 
                         Console.Out.WriteLine(Convert.ToHexStringLower(SHA256.HashData(new ReadOnlySpan<byte>(regions[region] + offset, length))));
                         break;
+                    case "open-host-memory":
+                        Console.Out.WriteLine(OpenHostMemory(parts));
+                        break;
                     case "exit":
                         return 0;
                     default:
@@ -129,4 +135,38 @@ internal static unsafe partial class Program
 
     [LibraryImport("libc", SetLastError = true)]
     private static partial int prctl(int option, ulong arg2, ulong arg3, ulong arg4, ulong arg5);
+
+    /// <summary>
+    /// <c>open-host-memory PID ADDRESS LENGTH CORE_DLL</c>: opens LENGTH bytes at ADDRESS of process PID with
+    /// Connector.Core's HostProcessMemoryProvider, loaded from CORE_DLL (this program does not reference it),
+    /// in this process and so with this process's credentials: run under another uid, it is a sidecar that
+    /// lacks permission. Answers <c>opened</c>, or the EngineMemoryException as
+    /// <c>{"code":"AccessDenied","message":"..."}</c>.
+    /// </summary>
+    private static string OpenHostMemory(string[] parts)
+    {
+        int pid = int.Parse(parts[1], CultureInfo.InvariantCulture);
+        ulong address = ulong.Parse(parts[2], CultureInfo.InvariantCulture);
+        ulong length = ulong.Parse(parts[3], CultureInfo.InvariantCulture);
+        Assembly core = Assembly.LoadFrom(string.Join(' ', parts[4..]));
+        Type kind = core.GetType("Connector.Core.Memory.EngineMemoryKind", throwOnError: true)!;
+        Type memoryRef = core.GetType("Connector.Core.Memory.EngineMemoryRef", throwOnError: true)!;
+        object provider = Activator.CreateInstance(core.GetType("Connector.Core.Memory.HostProcessMemoryProvider", throwOnError: true)!)!;
+        var regions = Array.CreateInstance(memoryRef, 1);
+        regions.SetValue(Activator.CreateInstance(memoryRef, Enum.Parse(kind, "HostProcess"), pid, address, length, null, null, 0UL), 0);
+        try
+        {
+            using var memory = (IDisposable)provider.GetType().GetMethod("Open")!.Invoke(provider, [regions])!;
+            return "opened";
+        }
+        catch (TargetInvocationException ex) when (ex.InnerException?.GetType().Name == "EngineMemoryException")
+        {
+            Exception refusal = ex.InnerException;
+            return new JsonObject
+            {
+                ["code"] = refusal.GetType().GetProperty("Code")!.GetValue(refusal)!.ToString(),
+                ["message"] = refusal.Message,
+            }.ToJsonString();
+        }
+    }
 }
