@@ -57,14 +57,15 @@ public sealed unsafe class InProcessPool : IDisposable
         }
     }
 
-    public IReadOnlyList<LayerSpec> Layers(int? numBlocksOverride = null)
+    /// <summary>The pool's layers as a registration names them; <paramref name="pid"/> overrides the owning pid (default: this process).</summary>
+    public IReadOnlyList<LayerSpec> Layers(int? numBlocksOverride = null, int? pid = null)
     {
         var specs = new List<LayerSpec>(_layers.Length);
         for (int i = 0; i < _layers.Length; i++)
         {
             specs.Add(new LayerSpec(
                 $"layers.{i}",
-                new EngineMemoryRef(EngineMemoryKind.HostProcess, Environment.ProcessId, (ulong)_layers[i], (ulong)(Blocks * BlockBytes), null, null, 0),
+                new EngineMemoryRef(EngineMemoryKind.HostProcess, pid ?? Environment.ProcessId, (ulong)_layers[i], (ulong)(Blocks * BlockBytes), null, null, 0),
                 new KvLayout(2, numBlocksOverride ?? Blocks, BlockTokens, Heads, RowBytes, BlockBytes, Heads * RowBytes, RowBytes, 0, BlockTokens * Heads * RowBytes)));
         }
 
