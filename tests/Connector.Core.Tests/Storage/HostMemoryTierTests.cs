@@ -252,16 +252,55 @@ public sealed class HostMemoryTierTests
     }
 
     [Fact]
-    public void Metadata_AtLlamaScale256TokenChunks_UnderOnePercent()
+    public void Metadata_FilledWithSmall256TokenChunks_MeasuredUnderOnePercentAndCountedInBudget()
     {
-        // A small model's 256-token chunk: 16 layers x K,V x 256 tokens x 8 heads x 64 dims x 2 bytes = 8 MiB.
-        const long ChunkBytes = 16L * 2 * 256 * 8 * 64 * 2;
-        const int Chunks = 2048;
-        using var tier = new HostMemoryTier(new HostTierOptions { CapacityBytes = Chunks * ChunkBytes, ExtentBytes = 256L << 20 }, _time);
-        long metadata = tier.MetadataBytesEstimate;
-        double overhead = (double)metadata / (Chunks * ChunkBytes);
-        Assert.True(overhead <= 0.01, $"metadata {metadata} bytes for {Chunks} chunks is {overhead:P4}");
-        Assert.True(metadata > 0);
+        // The smallest realistic 256-token chunk: 1 layer x K,V x 256 tokens x 64-byte rows = 32 KiB (a Llama-8B
+        // chunk is 32 MiB). Extents are native and never touched here, so the managed heap growth is the metadata.
+        const long ChunkBytes = 2L * 256 * 64;
+        const int Chunks = 8192;
+        long heapBefore = GC.GetTotalMemory(forceFullCollection: true);
+        using var tier = new HostMemoryTier(new HostTierOptions { CapacityBytes = (Chunks * ChunkBytes) + (4L << 20), ExtentBytes = 32L << 20 }, _time);
+        for (int i = 0; i < Chunks; i++)
+        {
+            Assert.Equal(StoreBegin.Reserved, tier.TryBeginStore(K(i), i == 0 ? ChunkKey.None : K(i - 1), ChunkBytes, out SlabRef slab));
+            tier.CommitStore(slab);
+        }
+
+        long measured = GC.GetTotalMemory(forceFullCollection: true) - heapBefore;
+        long used = tier.GetStats().UsedBytes;
+        Assert.Equal(Chunks * ChunkBytes, used);
+        Assert.True(measured <= used / 100, $"metadata measured at {measured} bytes for {used} bytes of chunks ({(double)measured / used:P3})");
+
+        // The budget charges the estimate, so it must not undercount what the heap really holds.
+        Assert.True(tier.MetadataBytesEstimate >= measured * 8 / 10, $"estimate {tier.MetadataBytesEstimate} vs measured {measured}");
+        Assert.True(tier.GetStats().AllocatedBytes + tier.MetadataBytesEstimate <= tier.GetStats().CapacityBytes);
+    }
+
+    [Fact]
+    public void TryBeginStore_EvictionCannotMakeRoom_NoSpaceAndNothingEvicted()
+    {
+        using var tier = Tier(4, extent: Chunk);
+        for (int i = 0; i < 4; i++)
+        {
+            Put(tier, i);
+        }
+
+        tier.AcquireLease(1, [K(0), K(1), K(2)]);
+
+        // Two chunks' worth is needed but only one chunk may go: refused before anything is evicted.
+        Assert.Equal(StoreBegin.NoSpace, tier.TryBeginStore(K(9), ChunkKey.None, 2 * Chunk, out _));
+        Assert.True(Has(tier, 3));
+        Assert.Equal(0, tier.GetStats().Evictions);
+    }
+
+    [Fact]
+    public void TryBeginStore_ChunkLargerThanCapacity_NoSpaceAndNothingEvicted()
+    {
+        using var tier = Tier(4, extent: Chunk);
+        Put(tier, 0);
+        Assert.Equal(StoreBegin.NoSpace, tier.TryBeginStore(K(9), ChunkKey.None, 64 * Chunk, out _));
+        Assert.True(Has(tier, 0));
+        Assert.Equal(0, tier.GetStats().Evictions);
     }
 
     [Fact]
