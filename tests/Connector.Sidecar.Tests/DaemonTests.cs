@@ -30,6 +30,31 @@ public sealed class DaemonTests
         Assert.Contains(expected, output, StringComparison.Ordinal);
     }
 
+    [Theory]
+    [InlineData("--help", "Usage: kvsidecar")]
+    [InlineData("--version", "kvsidecar ")]
+    public void HelpOrVersion_PrintsAndExitsWithoutListening(string flag, string expected)
+    {
+        string path = Path.Combine(Directory.CreateTempSubdirectory("kvsc-").FullName, "s.sock");
+        (int code, string output) = SidecarProcess.RunToExit("--socket", path, flag);
+        Assert.Equal(0, code);
+        Assert.Contains(expected, output, StringComparison.Ordinal);
+        Assert.DoesNotContain("READY", output, StringComparison.Ordinal);
+        Assert.False(File.Exists(path), "--help must not start a daemon");
+    }
+
+    [Theory]
+    [InlineData("--max-frame-bytes", "2147483647", "MaxFrameBytes")]
+    [InlineData("--Sidecar:HelloTimeout", "00:00:00", "HelloTimeout")]
+    [InlineData("--Sidecar:MinChunkBytes", "999999999999", "MinChunkBytes")]
+    public void Start_UnsafeBound_ExitsWithMessageNamingIt(string flag, string value, string expected)
+    {
+        string dir = Directory.CreateTempSubdirectory("kvsc-").FullName;
+        (int code, string output) = SidecarProcess.RunToExit("--socket", Path.Combine(dir, "s.sock"), $"{flag}={value}");
+        Assert.NotEqual(0, code);
+        Assert.Contains(expected, output, StringComparison.Ordinal);
+    }
+
     [Fact]
     public void Start_SocketPathTooLong_ExitsWithMessage()
     {

@@ -42,7 +42,6 @@ internal static class LookupLatencyBenchmark
             byte[] redisPing = "PING\r\n"u8.ToArray();
             byte[] pong = new byte[7];
 
-            // Interleaved, so that every series sees the same noise from the rest of the machine.
             var series = new List<(string Name, Action Call, long[] Samples)>
             {
                 ("lookup", () => Expect(scheduler.Call<LookupReply>(Opcode.Lookup, small), 4), new long[iterations]),
@@ -60,25 +59,7 @@ internal static class LookupLatencyBenchmark
                 }, new long[iterations]));
             }
 
-            for (int i = -Math.Min(2000, iterations); i < iterations; i++)
-            {
-                foreach (var (_, call, samples) in series)
-                {
-                    long start = Stopwatch.GetTimestamp();
-                    call();
-                    if (i >= 0)
-                    {
-                        samples[i] = Stopwatch.GetTimestamp() - start;
-                    }
-                }
-            }
-
-            foreach (var (name, _, samples) in series)
-            {
-                double[] us = Percentiles.Sorted(samples);
-                figures[$"{name}_p50_us"] = Percentiles.Of(us, 50);
-                figures[$"{name}_p99_us"] = Percentiles.Of(us, 99);
-            }
+            Measure(series, iterations, figures, suffix: string.Empty);
 
             long[] largeSamples = new long[Math.Max(200, iterations / 20)];
             for (int i = 0; i < largeSamples.Length; i++)
@@ -89,6 +70,18 @@ internal static class LookupLatencyBenchmark
             }
 
             figures["lookup_32k_tokens_p50_us"] = Percentiles.Of(Percentiles.Sorted(largeSamples), 50);
+
+            // LOOKUP cost must not depend on history: 100k leasing lookups that miss, then the same series again.
+            const int Misses = 100_000;
+            uint[] missTokens = TestPool.Tokens(1024, 77);
+            for (int i = 0; i < Misses; i++)
+            {
+                missTokens[0] = (uint)i;
+                Expect(scheduler.Call<LookupReply>(Opcode.Lookup, TestPool.Lookup(missTokens, requestId: $"miss-{i}", lease: true)), 0);
+            }
+
+            Measure(series, iterations, figures, suffix: "_after_100k_misses");
+            figures["lookup_after_100k_misses_over_before"] = figures["lookup_after_100k_misses_p50_us"] / figures["lookup_p50_us"];
             if (redisSocket is not null)
             {
                 figures["lookup_p50_over_redis_p50"] = figures["lookup_p50_us"] / figures["redis_ping_p50_us"];
@@ -109,6 +102,30 @@ internal static class LookupLatencyBenchmark
         }
 
         return figures;
+    }
+
+    /// <summary>Runs the series interleaved, so that every series sees the same noise from the rest of the machine.</summary>
+    private static void Measure(List<(string Name, Action Call, long[] Samples)> series, int iterations, Dictionary<string, double> figures, string suffix)
+    {
+        for (int i = -Math.Min(2000, iterations); i < iterations; i++)
+        {
+            foreach (var (_, call, samples) in series)
+            {
+                long start = Stopwatch.GetTimestamp();
+                call();
+                if (i >= 0)
+                {
+                    samples[i] = Stopwatch.GetTimestamp() - start;
+                }
+            }
+        }
+
+        foreach (var (name, _, samples) in series)
+        {
+            double[] us = Percentiles.Sorted(samples);
+            figures[$"{name}{suffix}_p50_us"] = Percentiles.Of(us, 50);
+            figures[$"{name}{suffix}_p99_us"] = Percentiles.Of(us, 99);
+        }
     }
 
     private static void Expect(LookupReply reply, int chunks)

@@ -70,9 +70,11 @@ internal sealed class LeaseBook(HostMemoryTier tier, int maxLeasesPerSession)
         List<(KvNamespace, LeaseId)>? displaced = null;
         lock (_lock)
         {
+            Span<byte> random = stackalloc byte[8];
             do
             {
-                lease.Id = BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8));
+                RandomNumberGenerator.Fill(random);
+                lease.Id = BitConverter.ToUInt64(random);
             }
             while (lease.Id == 0 || _byId.ContainsKey(lease.Id));
 
