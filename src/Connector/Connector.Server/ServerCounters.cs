@@ -23,7 +23,7 @@ internal sealed class ServerCounters
     /// <summary>Requests refused with <see cref="ErrorCode.LimitExceeded"/>.</summary>
     public long LimitsExceeded => Interlocked.Read(ref _limitsExceeded);
 
-    /// <summary>Connections the sidecar closed: no HELLO in time, a client that stopped reading, a failed connection.</summary>
+    /// <summary>Connections the sidecar closed or refused: no HELLO in time, a client that stopped reading, a failed connection, over MaxConnections.</summary>
     public long DroppedConnections => Interlocked.Read(ref _droppedConnections);
 
     /// <summary>Counts an error reply under its code.</summary>

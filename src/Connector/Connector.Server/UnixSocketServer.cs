@@ -147,6 +147,7 @@ internal sealed class UnixSocketServer(
             if (_connections.Count >= _options.MaxConnections)
             {
                 SidecarLog.TooManyConnections(_logger, _options.MaxConnections);
+                counters.Dropped();
                 socket.Dispose();
                 continue;
             }

@@ -69,7 +69,11 @@ internal sealed class RegistrationTable
             }
 
             EngineRegistration[] ranks = byNamespace.Values.OrderBy(r => r.BaseNamespace.TpRank).ToArray();
-            _ranksByInstance[instanceId] = ranks;
+            if (ranks.Length > 0)
+            {
+                // Only live instances are remembered: ids nobody registered must not grow the table.
+                _ranksByInstance[instanceId] = ranks;
+            }
             return ranks;
         }
     }
