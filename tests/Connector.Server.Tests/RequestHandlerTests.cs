@@ -229,18 +229,26 @@ public sealed class RequestHandlerTests : IDisposable
         Assert.Equal(ErrorCode.BadRequest, Refusal(() => Copy(w, Opcode.Load, l)));
     }
 
+    /// <summary>A worker with one chunk stored from blocks 0-3, and the engine memory zeroed afterwards.</summary>
+    private (RequestHandler Worker, uint[] Tokens) StoredThenZeroed(uint seed)
+    {
+        RequestHandler w = _f.Worker();
+        _f.Pool.Fill((int)seed);
+        uint[] tokens = Tokens(ChunkTokens, seed);
+        Assert.Equal(1, ((StoreReply)Copy(w, Opcode.Store, Store(tokens, 1, [0, 1, 2, 3]))).Stored);
+        _f.Pool.Zero();
+        return (w, tokens);
+    }
+
+    private bool PoolIsZero() => _f.Pool.Layer(0).IndexOfAnyExcept((byte)0) < 0 && _f.Pool.Layer(1).IndexOfAnyExcept((byte)0) < 0;
+
     [Fact]
     public void Load_DeadlineAlreadyPassed_WritesNothingAndCountsLateLoad()
     {
-        RequestHandler w = _f.Worker();
-        _f.Pool.Fill(9);
-        uint[] tokens = Tokens(ChunkTokens, 7);
-        Copy(w, Opcode.Store, Store(tokens, 1, [0, 1, 2, 3]));
-        _f.Pool.Zero();
-
+        (RequestHandler w, uint[] tokens) = StoredThenZeroed(7);
         ulong past = (ulong)(MonotonicClock.NowNs - 1_000_000);
         Assert.Equal(0, ((LoadReply)Copy(w, Opcode.Load, Load(tokens, 1, [4, 5, 6, 7], deadlineNs: past))).LoadedChunks);
-        Assert.True(_f.Pool.Layer(0).IndexOfAnyExcept((byte)0) < 0 && _f.Pool.Layer(1).IndexOfAnyExcept((byte)0) < 0, "a late load wrote into engine memory");
+        Assert.True(PoolIsZero(), "a late load wrote into engine memory");
         Assert.Equal(1, _f.Cache.GetStats().LateLoads);
 
         ulong future = (ulong)(MonotonicClock.NowNs + 10_000_000_000);
@@ -272,16 +280,12 @@ public sealed class RequestHandlerTests : IDisposable
     [Fact]
     public void Load_ConnectionCancelled_WritesNothing()
     {
-        RequestHandler w = _f.Worker();
-        _f.Pool.Fill(4);
-        uint[] tokens = Tokens(ChunkTokens, 9);
-        Copy(w, Opcode.Store, Store(tokens, 1, [0, 1, 2, 3]));
-        _f.Pool.Zero();
+        (RequestHandler w, uint[] tokens) = StoredThenZeroed(9);
         using var closed = new CancellationTokenSource();
         closed.Cancel();
         var loaded = (LoadReply)w.RunCopy(w.PrepareCopy(Opcode.Load, Body(Load(tokens, 1, [4, 5, 6, 7])), closed.Token));
         Assert.Equal(0, loaded.LoadedChunks);
-        Assert.True(_f.Pool.Layer(0).IndexOfAnyExcept((byte)0) < 0);
+        Assert.True(PoolIsZero(), "a cancelled load wrote into engine memory");
     }
 
     [Fact]
