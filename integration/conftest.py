@@ -6,7 +6,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fake_engine.engine import ensure_import_paths, sidecar_bin  # noqa: E402
+from fake_engine.engine import ensure_import_paths  # noqa: E402
+from fake_engine.sidecar import NOT_BUILT, SidecarProcess, sidecar_bin  # noqa: E402
 
 ensure_import_paths()
 
@@ -16,9 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def sidecar():
     if sidecar_bin() is None:
-        pytest.skip("the sidecar is not built: run scripts/publish.sh (or set KVSIDECAR_BIN)")
-    from fake_engine.engine import SidecarProcess
-
+        pytest.skip(NOT_BUILT)
     s = SidecarProcess()
     yield s
     s.stop()

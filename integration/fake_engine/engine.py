@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+from fake_engine.sidecar import REPO, SidecarProcess, sidecar_bin  # noqa: F401 - the launcher, re-exported for callers
+
 SHIM = os.path.join(REPO, "python_shim")
 FAKES = os.path.join(SHIM, "tests", "fakes")
 
@@ -41,62 +38,6 @@ def real_vllm_installed() -> bool:
         return getattr(module, "__file__", None) is not None and not getattr(module, "__version__", "").endswith("+fake")
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin is not None and not spec.origin.startswith(FAKES)
-
-
-def sidecar_bin() -> Optional[str]:
-    path = os.environ.get("KVSIDECAR_BIN") or os.path.join(REPO, "out", "sidecar", "kvsidecar.dll")
-    return path if os.path.exists(path) else None
-
-
-class SidecarProcess:
-    """A real kvsidecar on a private socket; can be killed and restarted on the same socket."""
-
-    def __init__(self, capacity_bytes: int = 512 << 20, socket_path: Optional[str] = None):
-        self.bin = sidecar_bin()
-        if self.bin is None:
-            raise FileNotFoundError("kvsidecar.dll not found: run scripts/publish.sh or set KVSIDECAR_BIN")
-        self.dir = tempfile.mkdtemp(prefix="kvsc-py-")
-        self.socket_path = socket_path or os.path.join(self.dir, "s.sock")
-        self.capacity = capacity_bytes
-        self.proc: Optional[subprocess.Popen] = None
-        self.log: List[str] = []
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["dotnet", self.bin, "--socket", self.socket_path, "--capacity-bytes",
-                                      str(self.capacity), "--extent-bytes", str(min(self.capacity, 64 << 20))],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("sidecar exited before READY:\n" + "".join(self.log))
-            self.log.append(line)
-            if line.startswith("READY "):
-                import threading
-
-                threading.Thread(target=self._drain, daemon=True).start()
-                return
-        raise TimeoutError("sidecar did not become ready")
-
-    def _drain(self) -> None:
-        proc = self.proc
-        for line in proc.stdout:
-            self.log.append(line)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass
