@@ -3,11 +3,10 @@ KV memory (a ctypes buffer), holds named sidecar connections, and obeys commands
 
 Transport: stdin/stdout, each message a u32le length and a MessagePack array. The first message out is
 ``{"pid", "uid", "gid"}``; then every command ``[name, args...]`` is answered ``["ok", value]`` or
-``["error", text]``. Run by :class:`harness.Agent`, never by hand."""
+``["error", text]``. Run by :class:`agents.Agent`, never by hand."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import struct
@@ -18,18 +17,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import msgpack  # noqa: E402
 
-import harness as h  # noqa: E402
-from harness import p  # noqa: E402
+from pool import HostBuffer, grant_ptrace  # noqa: E402
+from wire import CLOSED, ProtocolViolation, RawConn, p  # noqa: E402
 
 
 class AgentState:
     def __init__(self) -> None:
-        self.memory: h.HostBuffer | None = None
+        self.memory: HostBuffer | None = None
         self.conns: dict = {}
 
     # -- memory
     def alloc(self, nbytes: int, seed: str) -> int:
-        self.memory = h.HostBuffer(nbytes, seed)
+        self.memory = HostBuffer(nbytes, seed)
         return self.memory.address
 
     def read(self, offset: int, length: int) -> bytes:
@@ -39,22 +38,22 @@ class AgentState:
         self.memory.write(offset, data)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.memory.read()).hexdigest()
+        return self.memory.digest()
 
     def grant_ptrace(self, sidecar_pid: int) -> bool:
-        return h.grant_ptrace(sidecar_pid)
+        return grant_ptrace(sidecar_pid)
 
     # -- connections
     def connect(self, name: str, path: str) -> None:
         self.close(name)
-        self.conns[name] = h.RawConn(path)
+        self.conns[name] = RawConn(path)
 
     def call(self, name: str, opcode: int, fields, timeout: float) -> list:
         conn = self.conns[name]
         try:
             r = conn.call(opcode, fields, timeout)
-        except h.ProtocolViolation as e:
-            return [h.CLOSED, f"protocol violation: {e}", []]
+        except ProtocolViolation as e:
+            return [CLOSED, f"protocol violation: {e}", []]
         return [r.code, r.message, r.fields]
 
     def send_frames(self, name: str, frames: list, timeout: float) -> int:

@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import msgpack
 
-import harness as h
-from harness import E, Op, p
+from pool import Geometry, HostBuffer, bb, tb, tokens_for
+from wire import CLOSED, NO_REPLY, E, Frame, Op, ProtocolViolation, RawConn, Reply, code_name, header, p, unique
 
-FUZZ_GEOMETRY = h.Geometry(num_layers=2, num_blocks=16, block_tokens=16, chunk_tokens=32, num_heads=2, row_bytes=64,
+FUZZ_GEOMETRY = Geometry(num_layers=2, num_blocks=16, block_tokens=16, chunk_tokens=32, num_heads=2, row_bytes=64,
                            model_id="fuzz/model")
 CONNECTIONS = 4
 PING_BASE = 0xF0F0_0000_0000
@@ -67,12 +67,12 @@ def nested(depth: int) -> Any:
 class FrameMaker:
     """Valid request bodies for one connection's state, and their mutations."""
 
-    def __init__(self, rng: random.Random, memory: h.HostBuffer, seed: int):
+    def __init__(self, rng: random.Random, memory: HostBuffer, seed: int):
         self.rng = rng
         self.memory = memory
         self.pid = os.getpid()
         self.g = FUZZ_GEOMETRY
-        self.token_pool = h.tokens_for(f"fuzz-{seed}", 8 * self.g.chunk_tokens)
+        self.token_pool = tokens_for(f"fuzz-{seed}", 8 * self.g.chunk_tokens)
         self.request_ids = ["r0", "r1", "", "r" * 300, "é" * 130]
         self.salts = [None, "", "a", "fuzz", "é" * 128, "s" * 300]
 
@@ -80,7 +80,7 @@ class FrameMaker:
     def valid(self, opcode: int) -> Optional[list]:
         r, g = self.rng, self.g
         if opcode == Op.HELLO:
-            return p.hello(r.choice(["fz-a", "fz-b", h.unique("fz")]), r.choice(["scheduler", "worker", "client", "?"]),
+            return p.hello(r.choice(["fz-a", "fz-b", unique("fz")]), r.choice(["scheduler", "worker", "client", "?"]),
                            r.randint(-1, 8), r.choice([self.pid, self.pid, 0]), engine_kind="fuzz")
         if opcode == Op.PING:
             return None if r.random() < 0.3 else [r.getrandbits(64)]
@@ -91,13 +91,13 @@ class FrameMaker:
         if opcode in (Op.STORE, Op.LOAD):
             first, num = r.randint(0, 2), r.randint(0, 3)
             blocks = [r.randrange(g.num_blocks) for _ in range(num * g.blocks_per_chunk)]
-            tokens = h.tb(self.token_pool[:(first + num + r.randint(0, 2)) * g.chunk_tokens])
+            tokens = tb(self.token_pool[:(first + num + r.randint(0, 2)) * g.chunk_tokens])
             deadline = r.choice([0, 0, 1, time.monotonic_ns() - 10**9, time.monotonic_ns() + 10**10, (1 << 63) - 1])
             if opcode == Op.STORE:
-                return p.store(r.choice(self.request_ids), r.choice(self.salts), tokens, first, num, h.bb(blocks),
+                return p.store(r.choice(self.request_ids), r.choice(self.salts), tokens, first, num, bb(blocks),
                                deadline_ms=r.choice([0, 0, 1, 100000]), deadline_ns=deadline)
             blocks = [b if r.random() < 0.8 else -1 for b in blocks]
-            return p.load(r.choice(self.request_ids), r.choice(self.salts), tokens, first, num, h.bb(blocks),
+            return p.load(r.choice(self.request_ids), r.choice(self.salts), tokens, first, num, bb(blocks),
                           lease_id=r.choice([0, 1, r.getrandbits(64)]), deadline_ns=deadline)
         if opcode == Op.RELEASE:
             return p.release(r.choice([0, 1, 2, r.getrandbits(64)]), r.choice([None, "r0", "r1"]))
@@ -105,7 +105,7 @@ class FrameMaker:
 
     def tokens(self) -> bytes:
         n = self.rng.choice([0, 1, 31, 32, 64, 96, 128, 200, 256])
-        return h.tb(self.token_pool[:n])
+        return tb(self.token_pool[:n])
 
     # -- structured mutations (MessagePack level; safe for REGISTER)
     def mutate_fields(self, opcode: int, fields: Optional[list]) -> Any:
@@ -133,7 +133,7 @@ class FrameMaker:
         tokens_at, blocks_at = (2, None) if opcode == Op.LOOKUP else (2, 6)
         fields[tokens_at] = r.choice([b"", b"\x01\x02\x03", bytes(4 * 1024 + 1), bytes(256 * 1024), None])
         if blocks_at is not None:
-            fields[blocks_at] = r.choice([b"", b"\xff\xff\xff", h.bb([-2] * 4), h.bb([1 << 30] * 4), bytes(40000)])
+            fields[blocks_at] = r.choice([b"", b"\xff\xff\xff", bb([-2] * 4), bb([1 << 30] * 4), bytes(40000)])
             fields[4] = r.choice([fields[4], -1, (1 << 31) - 1, 4097, 1 << 20])
             fields[5] = r.choice([fields[5], -1, 0, 4097, (1 << 31) - 1])
         return fields
@@ -230,7 +230,7 @@ class FrameMaker:
 
 
 class Slot:
-    def __init__(self, conn: h.RawConn):
+    def __init__(self, conn: RawConn):
         self.conn = conn
         self.in_step = True
         self.frames = 0
@@ -252,7 +252,7 @@ class FuzzClient:
         self.socket_path = socket_path
         self.seed = seed
         self.rng = random.Random(seed)
-        self.memory = h.HostBuffer(FUZZ_GEOMETRY.total_bytes, f"fuzz-{seed}")
+        self.memory = HostBuffer(FUZZ_GEOMETRY.total_bytes, f"fuzz-{seed}")
         self.maker = FrameMaker(self.rng, self.memory, seed)
         self.slots: List[Optional[Slot]] = [None] * CONNECTIONS
         self.sent = 0
@@ -261,7 +261,7 @@ class FuzzClient:
 
     # -- connections
     def open_slot(self, i: int, violations: List[str]) -> Slot:
-        slot = Slot(h.RawConn(self.socket_path, timeout=REPLY_TIMEOUT))
+        slot = Slot(RawConn(self.socket_path, timeout=REPLY_TIMEOUT))
         if self.rng.random() < 0.85:
             hello = slot.conn.call(Op.HELLO, p.hello(self.rng.choice(["fz-a", "fz-b"]), "worker", 0, os.getpid(),
                                                      engine_kind="fuzz"), REPLY_TIMEOUT)
@@ -274,13 +274,13 @@ class FuzzClient:
         self.totals["connections"] += 1
         return slot
 
-    def check_reply(self, reply: h.Reply, violations: List[str], what: str) -> None:
-        if reply.code == h.NO_REPLY:
+    def check_reply(self, reply: Reply, violations: List[str], what: str) -> None:
+        if reply.code == NO_REPLY:
             violations.append(f"{what}: no reply within {REPLY_TIMEOUT} s")
         elif reply.code > 0 and reply.code not in set(E):
             violations.append(f"{what}: unknown error code {reply.code}")
 
-    def check_frames(self, frames: List[h.Frame], violations: List[str], slot: Slot) -> None:
+    def check_frames(self, frames: List[Frame], violations: List[str], slot: Slot) -> None:
         for f in frames:
             try:
                 reply = f.reply()
@@ -289,7 +289,7 @@ class FuzzClient:
                 continue
             self.totals["replies"] += 1
             if reply.code:
-                self.totals[f"error {h.code_name(reply.code)}"] += 1
+                self.totals[f"error {code_name(reply.code)}"] += 1
                 if reply.code not in set(E) or not isinstance(p.field(reply.fields, 1), str):
                     violations.append(f"malformed error body {reply.fields!r:.200}")
                 elif reply.code == E.INTERNAL:
@@ -312,7 +312,7 @@ class FuzzClient:
                     self.totals["closed by the sidecar"] += 1
                 try:
                     slot = self.open_slot(i, violations)
-                except (OSError, h.ProtocolViolation) as e:
+                except (OSError, ProtocolViolation) as e:
                     violations.append(f"cannot open a connection: {e!r}")
                     continue
             frame, in_step = self.make_frame()
@@ -326,7 +326,7 @@ class FuzzClient:
             self.sent += 1
             try:
                 self.check_frames(slot.conn.drain(), violations, slot)
-            except h.ProtocolViolation as e:
+            except ProtocolViolation as e:
                 violations.append(f"bad bytes from the sidecar: {e}")
                 slot.conn.closed = True
         self.finish_batch(violations)
@@ -345,7 +345,7 @@ class FuzzClient:
             self.totals["field mutations"] += 1
             body = self.maker.mutate_fields(opcode, fields)
             data = msgpack.packb(body, use_bin_type=True)
-            return bytearray(h.header(opcode, rid, len(data)) + data), True
+            return bytearray(header(opcode, rid, len(data)) + data), True
         self.totals["byte mutations"] += 1
         return m.mutate_bytes(bytearray(p.encode_frame(opcode, rid, fields)))
 
@@ -362,14 +362,14 @@ class FuzzClient:
             rid = PING_BASE + self.pings
             try:
                 reply = slot.conn.call(Op.PING, [rid], REPLY_TIMEOUT, request_id=rid)
-            except h.ProtocolViolation as e:
+            except ProtocolViolation as e:
                 violations.append(f"bad bytes from the sidecar: {e}")
-                reply = h.Reply(h.CLOSED)
+                reply = Reply(CLOSED)
             for stashed in slot.conn.stash.values():
                 if stashed.code > 0 and stashed.code not in set(E):
                     violations.append(f"unknown error code {stashed.code}")
             slot.conn.stash.clear()
-            if reply.code == h.NO_REPLY:
+            if reply.code == NO_REPLY:
                 violations.append(f"connection {i} hangs: no answer to a PING within {REPLY_TIMEOUT} s after "
                                   f"{slot.frames} frames, and not closed")
             elif reply.ok and reply.fields != [rid]:

@@ -11,8 +11,9 @@ import time
 import pytest
 
 import fuzzer
-import harness as h
-from harness import GEOMETRY as G, MiB, Op, p, tb
+from daemon import Sidecar
+from pool import GEOMETRY as G, HostBuffer, bb, tb
+from wire import MiB, Op, code_name, p, unique
 
 DEFAULT_SEED = 20240611
 BATCH = 150
@@ -21,10 +22,8 @@ SERVE_BOUND = 3.0
 
 
 @pytest.fixture(scope="module")
-def fuzz_sidecar():
-    if h.sidecar_dll() is None:
-        pytest.skip("the sidecar is not built: run scripts/publish.sh (or set KVSIDECAR_BIN)")
-    s = h.Sidecar("SendTimeout=00:00:05", name="fuzz")
+def fuzz_sidecar(sidecar_built):
+    s = Sidecar("SendTimeout=00:00:05", name="fuzz")
     yield s
     s.stop()
 
@@ -36,11 +35,11 @@ def test_fuzzed_frames_never_hurt_the_daemon(fuzz_sidecar):
     repro = f"reproduce with KVSIDECAR_FUZZ_SEED={seed} KVSIDECAR_FUZZ_FRAMES={frames}"
     print(f"fuzzing {frames} frames, seed {seed} ({repro})")
 
-    memory = h.HostBuffer(G.total_bytes, "fuzz-health")  # only ever read (STORE), never written
-    health = s.client(h.unique("fuzz-health"), "worker")
+    memory = HostBuffer(G.total_bytes, "fuzz-health")  # only ever read (STORE), never written
+    health = s.client(unique("fuzz-health"), "worker")
     health_tokens = G.tokens("fuzz-health", 2)
     assert health.call(Op.REGISTER, G.register_fields(os.getpid(), memory.address)).ok, "the health client's REGISTER"
-    assert health.call(Op.STORE, p.store("h", "health", tb(health_tokens), 0, 2, h.bb(G.blocks(0, 2)))).get(0) == 2
+    assert health.call(Op.STORE, p.store("h", "health", tb(health_tokens), 0, 2, bb(G.blocks(0, 2)))).get(0) == 2
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -67,8 +66,8 @@ def test_fuzzed_frames_never_hurt_the_daemon(fuzz_sidecar):
             t0 = time.monotonic()
             ping = health.call(Op.PING, [b], timeout=SERVE_BOUND)
             look = health.call(Op.LOOKUP, p.lookup("h", "health", tb(health_tokens), False), timeout=SERVE_BOUND)
-            assert ping.ok and ping.fields == [b], f"the long-lived client's PING: {h.code_name(ping.code)} in {where}"
-            assert look.ok, f"the long-lived client's LOOKUP: {h.code_name(look.code)} {look.describe()} in {where}"
+            assert ping.ok and ping.fields == [b], f"the long-lived client's PING: {code_name(ping.code)} in {where}"
+            assert look.ok, f"the long-lived client's LOOKUP: {code_name(look.code)} {look.describe()} in {where}"
             ok, detail = s.serve_check(timeout=SERVE_BOUND)
             assert ok, f"a fresh client after {where}: {detail}"
             assert time.monotonic() - t0 < 2 * SERVE_BOUND, f"health checks took {time.monotonic() - t0:.1f} s"
