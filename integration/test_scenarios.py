@@ -184,7 +184,10 @@ def test_one_round_trip_per_request_for_lookup_load_and_store(engine_factory):
     run_requests(e, [(f"cold{i}", p, {"max_tokens": 1}) for i, p in enumerate(prompts)])
     run_requests(e, [(f"warm{i}", p, {"max_tokens": 1}) for i, p in enumerate(prompts)])
     s, w = e.connector.stats(), e.worker_stats()[0]
-    assert s["lookups"] == 8
+    # One lookup per request, plus one more for a hit the scheduler did not admit in its step (its lease is
+    # given back at once and the lookup sent again for the next step).
+    assert s["lookups"] == 8 + s["leases_released_unadmitted"]
+    assert s["leases_released_unadmitted"] <= 4
     assert w["loads"] == 4
     assert w["stores"] == 4  # the warm requests add no new full chunk
     assert e.mismatches == []

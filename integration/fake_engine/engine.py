@@ -118,6 +118,7 @@ class FakeEngine:
         self.mismatches: List[str] = []
         self.steps = 0
         self.step_seconds = 0.0
+        self._reported: Dict[str, Dict[str, int]] = {}
 
     def add(self, req) -> None:
         self.scheduler.add_request(req)
@@ -136,15 +137,19 @@ class FakeEngine:
             if status != "ok":
                 raise RuntimeError(f"worker step failed:\n{value}")
             results.append(value)
-        # KVOutputAggregator: an id counts once every worker reported it.
+        # KVOutputAggregator: an id counts once every worker reported it, in this step or an earlier one.
         world = self.connector.get_finished_count() or len(self.workers)
         out = KVConnectorOutput(expected_finished_count=world)
         for key in ("finished_sending", "finished_recving"):
-            counts: Dict[str, int] = {}
+            counts = self._reported.setdefault(key, {})
+            done = set()
             for r in results:
                 for req_id in r[key]:
                     counts[req_id] = counts.get(req_id, 0) + 1
-            setattr(out, key, {k for k, v in counts.items() if v == world} or None)
+                    if counts[req_id] == world:
+                        done.add(req_id)
+                        del counts[req_id]
+            setattr(out, key, done or None)
         for r in results:
             out.invalid_block_ids |= r["invalid_block_ids"]
             self.mismatches.extend(r["mismatches"])

@@ -92,7 +92,8 @@ class FakeScheduler:
         self.connector.on_new_request(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        # As vLLM's has_requests(): a finished request whose blocks wait for its stores still keeps the engine stepping.
+        return bool(self.waiting or self.running or self.delayed_free)
 
     # ------------------------------------------------------------------ schedule
 

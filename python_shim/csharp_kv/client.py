@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import protocol as p
 
@@ -37,6 +37,12 @@ class Reply:
 
 UNAVAILABLE = -1
 
+# Requests that may wait for a connection under way (stores); more fail at once.
+_MAX_QUEUED = 1024
+
+# The reader's receive timeout: only a wake-up to wait again; a dropped connection ends the wait at once.
+_READ_WAKEUP = 3600.0
+
 
 @dataclass
 class ClientCounters:
@@ -49,12 +55,14 @@ class ClientCounters:
 
 
 class SidecarClient:
-    """Connects lazily, reconnects with a backoff (never more than one attempt per ``retry_interval``),
-    and runs ``on_connect(client)`` after each HELLO (a worker re-registers its memory there)."""
+    """Connects in the background (never in the caller's thread: at most one attempt per ``retry_interval``,
+    100 ms by default, started on demand), sends with ``send_timeout`` (a sidecar that stops reading is
+    dropped, never waited for), and runs ``on_connect(client)`` after each HELLO on the connecting thread (a
+    worker re-registers its memory there)."""
 
     def __init__(self, socket_path: str, instance_id: str, role: str, rank: int = 0,
-                 engine_version: str = "", connect_timeout: float = 1.0, retry_interval: float = 1.0,
-                 on_connect: Optional[Callable[["SidecarClient"], None]] = None):
+                 engine_version: str = "", connect_timeout: float = 1.0, retry_interval: float = 0.1,
+                 on_connect: Optional[Callable[["SidecarClient"], None]] = None, send_timeout: float = 1.0):
         self.socket_path = socket_path
         self.instance_id = instance_id
         self.role = role
@@ -62,6 +70,7 @@ class SidecarClient:
         self.engine_version = engine_version
         self.connect_timeout = connect_timeout
         self.retry_interval = retry_interval
+        self.send_timeout = send_timeout
         self.on_connect = on_connect
         self.counters = ClientCounters()
         self.server_pid: Optional[int] = None
@@ -69,55 +78,92 @@ class SidecarClient:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
+        self._send_sock: Optional[socket.socket] = None
         self._pending: Dict[int, Future] = {}
         self._next_id = 0
         self._last_attempt = float("-inf")
         self._generation = 0
         self._warned = False
         self._closed = False
+        self._connecting: Optional[threading.Thread] = None
+        self._connecting_ident = 0
+        self._ready = threading.Event()
+        self._queued: List[Tuple[int, Optional[Sequence], Future]] = []
 
     # ------------------------------------------------------------------ connection
 
     @property
     def connected(self) -> bool:
-        return self._sock is not None
+        return self._ready.is_set()
 
-    def ensure_connected(self, force: bool = False) -> bool:
-        """Connects if not connected and the backoff allows; True when connected."""
-        if self._sock is not None:
+    def ensure_connected(self, wait: float = 0.0) -> bool:
+        """True when connected. Otherwise starts a background connect (unless one runs, or the last attempt was
+        less than ``retry_interval`` ago) and waits for it at most ``wait`` seconds (0: not at all)."""
+        if self._ready.is_set():
             return True
         with self._lock:
-            if self._sock is not None:
-                return True
             if self._closed:
                 return False
+            thread = self._connecting
             now = time.monotonic()
-            if not force and now - self._last_attempt < self.retry_interval:
-                return False
-            self._last_attempt = now
-            try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.connect_timeout)
-                sock.connect(self.socket_path)
-                sock.settimeout(None)
-            except OSError as e:
-                if not self._warned:
-                    logger.warning("kvsidecar: cannot reach the sidecar at %s (%s); running without the KV cache "
-                                   "(every lookup is a miss) and retrying every %.0f s", self.socket_path, e,
-                                   self.retry_interval)
-                    self._warned = True
-                return False
-            self._sock = sock
+            if thread is None and now - self._last_attempt >= self.retry_interval:
+                self._last_attempt = now
+                thread = self._connecting = threading.Thread(target=self._connect, daemon=True,
+                                                             name="kvsidecar-connect")
+                thread.start()
+        if wait > 0 and thread is not None:
+            self._ready.wait(wait)
+        return self._ready.is_set()
+
+    def _connect(self) -> None:
+        self._connecting_ident = threading.get_ident()
+        try:
+            self._connect_once()
+        finally:
+            with self._lock:
+                self._connecting = None
+                queued, self._queued = self._queued, []
+            # Requests that waited for this attempt go out now, or fail if it failed.
+            for opcode, fields, fut in queued:
+                if self._ready.is_set():
+                    self._send(opcode, fields).add_done_callback(lambda f, fut=fut: fut.set_result(f.result()))
+                else:
+                    fut.set_result(Reply(error_code=UNAVAILABLE, error="sidecar unavailable"))
+
+    def _connect_once(self) -> None:
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.connect_timeout)
+            sock.connect(self.socket_path)
+            # Sends go through a duplicate with a short timeout. Both share the descriptor's non-blocking mode,
+            # so the reader waits with a long timeout of its own (and simply waits again when it expires).
+            sock.settimeout(_READ_WAKEUP)
+            send_sock = sock.dup()
+            send_sock.settimeout(self.send_timeout)
+        except OSError as e:
+            if not self._warned:
+                logger.warning("kvsidecar: cannot reach the sidecar at %s (%s); running without the KV cache "
+                               "(every lookup is a miss) and retrying every %.0f ms", self.socket_path, e,
+                               self.retry_interval * 1000)
+                self._warned = True
+            return
+        with self._lock:
+            if self._closed:
+                sock.close()
+                send_sock.close()
+                return
+            self._sock, self._send_sock = sock, send_sock
             self._generation += 1
             generation = self._generation
-            threading.Thread(target=self._read_loop, args=(sock, generation), daemon=True,
-                             name="kvsidecar-reader").start()
-        reply = self.call(p.Opcode.HELLO, p.hello(self.instance_id, self.role, self.rank, os.getpid(),
-                                                    engine_version=self.engine_version), timeout=self.connect_timeout)
+        threading.Thread(target=self._read_loop, args=(sock, generation), daemon=True,
+                         name="kvsidecar-reader").start()
+        reply = self.wait(self._send(p.Opcode.HELLO, p.hello(self.instance_id, self.role, self.rank, os.getpid(),
+                                                              engine_version=self.engine_version)),
+                          self.connect_timeout)
         if not reply.ok:
             logger.warning("kvsidecar: HELLO failed (%s); disconnecting", reply.error)
             self._drop(generation, ConnectionError("HELLO failed"))
-            return False
+            return
         self.server_pid = reply.get(5)
         self.max_frame_bytes = reply.get(3, self.max_frame_bytes)
         if self.counters.connects > 0:
@@ -132,43 +178,60 @@ class SidecarClient:
                 self.on_connect(self)
             except Exception:  # noqa: BLE001 - a cache must never take the engine down
                 logger.exception("kvsidecar: the on-connect hook failed")
-        return self._sock is not None
+        with self._lock:
+            if generation == self._generation and self._sock is not None:
+                self._ready.set()
 
     def close(self) -> None:
-        self._closed = True
         with self._lock:
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            self._closed = True
+            sock, send_sock = self._sock, self._send_sock
+            self._sock = self._send_sock = None
+            self._ready.clear()
+        for s in (send_sock, sock):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
         self._fail_all(ConnectionError("client closed"))
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, opcode: int, fields: Optional[Sequence] = None) -> "Future[Reply]":
-        """Sends a request; the future resolves to a :class:`Reply` (never raises)."""
-        fut: Future = Future()
-        if self._sock is None and not self.ensure_connected():
+    def submit(self, opcode: int, fields: Optional[Sequence] = None, queue: bool = False) -> "Future[Reply]":
+        """Sends a request; the future resolves to a :class:`Reply` (never raises). Never blocks on a connect:
+        while one is under way the request fails at once, or with ``queue`` waits for it (up to
+        ``_MAX_QUEUED`` requests) and goes out as soon as the connection is ready."""
+        # The connecting thread itself may send (the on-connect hook registers memory) before the client is ready.
+        if not self._ready.is_set() and threading.get_ident() != self._connecting_ident and not self.ensure_connected():
+            fut: Future = Future()
+            with self._lock:
+                if queue and self._connecting is not None and len(self._queued) < _MAX_QUEUED:
+                    self._queued.append((opcode, fields, fut))
+                    return fut
             self.counters.unavailable += 1
             fut.set_result(Reply(error_code=UNAVAILABLE, error="sidecar unavailable"))
             return fut
+        return self._send(opcode, fields)
+
+    def _send(self, opcode: int, fields: Optional[Sequence]) -> "Future[Reply]":
+        fut: Future = Future()
         with self._send_lock:
-            sock = self._sock
+            sock = self._send_sock
             if sock is None:
                 fut.set_result(Reply(error_code=UNAVAILABLE, error="sidecar unavailable"))
                 return fut
             self._next_id += 1
             request_id = self._next_id
             self._pending[request_id] = fut
+            generation = self._generation
             try:
                 sock.sendall(p.encode_frame(opcode, request_id, fields))
-            except OSError as e:
+            except OSError as e:  # includes socket.timeout: a partial frame leaves the stream unusable
                 self._pending.pop(request_id, None)
                 fut.set_result(Reply(error_code=UNAVAILABLE, error=f"send failed: {e}"))
-                self._drop(self._generation, e)
+                self._drop(generation, e)
         return fut
 
     def call(self, opcode: int, fields: Optional[Sequence] = None, timeout: float = 5.0) -> Reply:
@@ -187,7 +250,10 @@ class SidecarClient:
         buf = bytearray()
         try:
             while True:
-                chunk = sock.recv(1 << 20)
+                try:
+                    chunk = sock.recv(1 << 20)
+                except socket.timeout:
+                    continue
                 if not chunk:
                     raise ConnectionError("the sidecar closed the connection")
                 buf += chunk
@@ -215,16 +281,24 @@ class SidecarClient:
         with self._lock:
             if generation != self._generation or self._sock is None:
                 return
-            sock, self._sock = self._sock, None
-            self._last_attempt = time.monotonic()
+            sock, send_sock = self._sock, self._send_sock
+            self._sock = self._send_sock = None
+            self._ready.clear()
+            # The next attempt may start at once: a restarted sidecar is found within one retry interval.
+            self._last_attempt = float("-inf")
         self.counters.disconnects += 1
         if not self._closed:
             logger.warning("kvsidecar: lost the connection to the sidecar (%s); pending transfers fall back to "
                            "recompute", cause)
-        try:
-            sock.close()
-        except OSError:
-            pass
+        for s in (send_sock, sock):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
         self._fail_all(cause)
 
     def _fail_all(self, cause: Exception) -> None:

@@ -27,10 +27,14 @@ class ShimConfig:
     - ``socket_path``: the sidecar's socket (default $KVSIDECAR_SOCKET, $XDG_RUNTIME_DIR/kvsidecar/sidecar.sock,
       or /run/kvsidecar/sidecar.sock).
     - ``chunk_tokens``: tokens per cached chunk, a multiple of the block size (default 256).
-    - ``lookup_wait_ms``: how long a scheduler lookup may wait for its answer before saying "not yet" (default 5).
+    - ``lookup_wait_ms``: the most the scheduler waits for lookup answers in one step, all requests together;
+      a lookup not answered by then is "not yet" and asked again next step (default 1).
     - ``lookup_timeout_ms``: after this a lookup counts as a miss (default 1000).
     - ``transfer_timeout_ms``: the most a load or store may take before it counts as failed (default 10000).
-    - ``connect_timeout_ms``, ``retry_interval_ms``: connection set-up and reconnect backoff (500, 1000).
+    - ``connect_timeout_ms``, ``retry_interval_ms``: connection set-up (in the background) and the least time
+      between two connection attempts (500, 100).
+    - ``send_timeout_ms``: the most one request may wait to be written to the socket; a sidecar that stops
+      reading is disconnected instead (default 20).
     - ``async_load``: load in the background while the request waits (WAITING_FOR_REMOTE_KVS) (default false).
     - ``model_id``, ``kv_dtype``: namespace overrides (default: the model name and the KV cache dtype).
     - ``store_output``: also cache chunks of generated tokens (default true).
@@ -38,11 +42,12 @@ class ShimConfig:
 
     socket_path: str
     chunk_tokens: int = 256
-    lookup_wait_ms: float = 5.0
+    lookup_wait_ms: float = 1.0
     lookup_timeout_ms: float = 1000.0
     transfer_timeout_ms: float = 10000.0
     connect_timeout_ms: float = 500.0
-    retry_interval_ms: float = 1000.0
+    retry_interval_ms: float = 100.0
+    send_timeout_ms: float = 20.0
     async_load: bool = False
     model_id: Optional[str] = None
     kv_dtype: Optional[str] = None
@@ -69,10 +74,8 @@ class ShimConfig:
         socket_path = str(extra.get("socket_path") or default_socket_path())
         if len(socket_path.encode()) > 107:
             raise ConfigError(f"kvsidecar: socket_path {socket_path!r} is longer than 107 bytes; use a shorter path")
-        directory = os.path.dirname(socket_path) or "."
-        if not os.path.isdir(directory):
-            raise ConfigError(f"kvsidecar: socket_path {socket_path!r}: directory {directory!r} does not exist; "
-                              "start the sidecar first or set kv_connector_extra_config.socket_path")
+        # A missing directory is not an error: systemd removes RuntimeDirectory while the sidecar is stopped, and
+        # the engine then runs uncached and connects when the sidecar comes back.
         chunk = extra.get("chunk_tokens", 256)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
             raise ConfigError(f"kvsidecar: chunk_tokens={chunk!r} must be a positive integer")
@@ -94,11 +97,12 @@ class ShimConfig:
         return ShimConfig(
             socket_path=socket_path,
             chunk_tokens=chunk,
-            lookup_wait_ms=number("lookup_wait_ms", 5.0, 0.0),
+            lookup_wait_ms=number("lookup_wait_ms", 1.0, 0.0),
             lookup_timeout_ms=number("lookup_timeout_ms", 1000.0, 1.0),
             transfer_timeout_ms=number("transfer_timeout_ms", 10000.0, 1.0),
             connect_timeout_ms=number("connect_timeout_ms", 500.0, 1.0),
-            retry_interval_ms=number("retry_interval_ms", 1000.0, 1.0),
+            retry_interval_ms=number("retry_interval_ms", 100.0, 1.0),
+            send_timeout_ms=number("send_timeout_ms", 20.0, 1.0),
             async_load=flag("async_load", False),
             model_id=extra.get("model_id"),
             kv_dtype=extra.get("kv_dtype"),

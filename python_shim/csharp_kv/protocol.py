@@ -143,9 +143,16 @@ def lookup(request_id: str, cache_salt: Optional[str], tokens: bytes, lease: boo
 
 
 def store(request_id: str, cache_salt: Optional[str], tokens: bytes, first_chunk: int, num_chunks: int,
-          block_ids: bytes, deadline_ms: int = 0, deadline_ns: int = 0) -> list:
-    """``deadline_ns``: the absolute ``time.monotonic_ns()`` at which the engine stops waiting (0: none)."""
-    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, deadline_ms, deadline_ns]
+          block_ids: bytes, deadline_ms: int = 0, deadline_ns: int = 0, chain: Optional[bytes] = None) -> list:
+    """``deadline_ns``: the absolute ``time.monotonic_ns()`` at which the engine stops waiting (0: none).
+    ``chain``: the opaque chain state of an earlier STORE reply of the request; ``tokens`` then start at the chunk
+    after the one it names (``chain_chunk(chain) + 1``) instead of at the request's first token."""
+    return [request_id, cache_salt, tokens, None, first_chunk, num_chunks, block_ids, deadline_ms, deadline_ns, chain]
+
+
+def chain_chunk(chain: bytes) -> int:
+    """The chunk index a chain state names (its first four bytes, u32le)."""
+    return struct.unpack_from("<I", chain, 0)[0]
 
 
 def load(request_id: str, cache_salt: Optional[str], tokens: bytes, first_chunk: int, num_chunks: int,

@@ -25,13 +25,15 @@ SIDECAR_OPTIONS = {
     "lookup-timeout-ms": "lookup_timeout_ms",
     "connect-timeout-ms": "connect_timeout_ms",
     "retry-interval-ms": "retry_interval_ms",
+    "send-timeout-ms": "send_timeout_ms",
     "async-load": "async_load",
     "model-id": "model_id",
     "kv-dtype": "kv_dtype",
     "store-output": "store_output",
 }
 INT_KEYS = {"chunk_tokens"}
-FLOAT_KEYS = {"transfer_timeout_ms", "lookup_wait_ms", "lookup_timeout_ms", "connect_timeout_ms", "retry_interval_ms"}
+FLOAT_KEYS = {"transfer_timeout_ms", "lookup_wait_ms", "lookup_timeout_ms", "connect_timeout_ms", "retry_interval_ms",
+              "send_timeout_ms"}
 
 
 class TranslationError(ValueError):

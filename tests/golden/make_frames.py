@@ -55,8 +55,8 @@ FIELDS = {
     "Lookup": ("request_id", "cache_salt", "tokens", "lease"),
     "LookupReply": ("hit_tokens", "hit_chunks", "lease_id", "state"),
     "Store": ("request_id", "cache_salt", "tokens", "keys", "first_chunk", "num_chunks", "block_ids", "deadline_ms",
-              "deadline_ns"),
-    "StoreReply": ("stored", "already_present", "failed"),
+              "deadline_ns", "chain"),
+    "StoreReply": ("stored", "already_present", "failed", "chain"),
     "Load": ("request_id", "cache_salt", "tokens", "keys", "first_chunk", "num_chunks", "block_ids", "lease_id",
              "deadline_ns"),
     "LoadReply": ("loaded_chunks",),
@@ -174,14 +174,21 @@ def frames():
         frame("lookup_reply", LOOKUP, REPLY, 5, msg("LookupReply", hit_tokens=512, hit_chunks=2, lease_id=17, state=0)),
         frame("store", STORE, 0, 6, msg(
             "Store", request_id="cmpl-1", cache_salt=None, tokens=u32le([5, 6, 7, 8]), keys=None, first_chunk=1,
-            num_chunks=1, block_ids=i32le([10, 11, 12, 13]), deadline_ms=10000, deadline_ns=0)),
+            num_chunks=1, block_ids=i32le([10, 11, 12, 13]), deadline_ms=10000, deadline_ns=0, chain=None)),
         # An absolute CLOCK_MONOTONIC deadline (about 11 days of uptime: a u64 beyond 32 bits) next to a
         # deadline_ms, a non-ASCII salt.
         frame("store_deadline_ns", STORE, 0, 12, msg(
             "Store", request_id="cmpl-2", cache_salt="t\u00e9nant-\u4e2d", tokens=u32le(range(100, 112)), keys=None,
             first_chunk=1, num_chunks=2, block_ids=i32le([20, 21, 22, 23, 24, 25, 26, 27]), deadline_ms=250,
-            deadline_ns=987_654_321_012_345)),
-        frame("store_reply", STORE, REPLY, 6, msg("StoreReply", stored=1, already_present=0, failed=0)),
+            deadline_ns=987_654_321_012_345, chain=None)),
+        # A resumed store: an opaque 68-byte chain state from an earlier reply; tokens start after its chunk.
+        frame("store_chain", STORE, 0, 14, msg(
+            "Store", request_id="cmpl-3", cache_salt=None, tokens=u32le(range(200, 204)), keys=None, first_chunk=3,
+            num_chunks=1, block_ids=i32le([30, 31, 32, 33]), deadline_ms=0, deadline_ns=5_000_000_000,
+            chain=bytes(range(68)))),
+        frame("store_reply", STORE, REPLY, 6, msg("StoreReply", stored=1, already_present=0, failed=0, chain=None)),
+        frame("store_reply_chain", STORE, REPLY, 14, msg("StoreReply", stored=1, already_present=0, failed=0,
+                                                         chain=bytes(range(68, 136)))),
         frame("load", LOAD, 0, 7, msg(
             "Load", request_id="cmpl-1", cache_salt="tenant-a", tokens=None, keys=bytes(32), first_chunk=0,
             num_chunks=1, block_ids=i32le([-1, -1, 4, 5]), lease_id=17, deadline_ns=0)),

@@ -112,10 +112,16 @@ class CSharpSidecarConnector(KVConnectorBase_V1):
             return False, None
 
     def on_new_request(self, request) -> None:
-        return None
+        try:
+            self._scheduler.on_new_request(request)
+        except Exception:  # noqa: BLE001
+            logger.exception("kvsidecar: on_new_request failed for %s", getattr(request, "request_id", "?"))
 
     def update_connector_output(self, connector_output) -> None:
-        return None
+        try:
+            self._scheduler.update_connector_output(connector_output)
+        except Exception:  # noqa: BLE001
+            logger.exception("kvsidecar: update_connector_output failed")
 
     # ---------------------------------------------------------------- worker role
 
@@ -125,8 +131,19 @@ class CSharpSidecarConnector(KVConnectorBase_V1):
         except Exception:  # noqa: BLE001
             logger.exception("kvsidecar: registering the KV cache failed; running without it")
 
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # vLLM frees a preempted request's blocks at once (no request_finished), and the forward that follows
+        # may overwrite them: the stores still reading them must end first. Bound runs before every forward in
+        # every runner version; preemption is rare, so this almost never waits.
+        if self._worker is not None and isinstance(connector_metadata, CSharpSidecarMetadata) and connector_metadata.preempted:
+            try:
+                self._worker.wait_for_stores_of(connector_metadata.preempted)
+            except Exception:  # noqa: BLE001
+                logger.exception("kvsidecar: waiting for the stores of preempted requests failed")
+
     def handle_preemptions(self, *args: Any, **kwargs: Any) -> None:
-        # Stores finish inside wait_for_save, so no copy can still be reading a preempted request's blocks.
+        # Handled in bind_connector_metadata, which every runner calls before the forward.
         return None
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -155,6 +172,15 @@ class CSharpSidecarConnector(KVConnectorBase_V1):
         except Exception:  # noqa: BLE001
             logger.exception("kvsidecar: get_finished failed")
             return None, None
+
+    def get_transfer_results(self, finished_req_ids):
+        """Newest vLLM: finished and failed transfers per request (get_finished is no longer called there)."""
+        try:
+            return self._worker.get_transfer_results(finished_req_ids)
+        except Exception:  # noqa: BLE001
+            logger.exception("kvsidecar: get_transfer_results failed")
+            from .._vllm_api import KVConnectorTransferResults  # noqa: PLC0415
+            return KVConnectorTransferResults()
 
     def get_block_ids_with_load_errors(self) -> set:
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()

@@ -25,7 +25,11 @@ class LoadOp:
 
 @dataclass
 class StoreOp:
-    """Copy chunks [first_chunk, first_chunk + num_chunks) out of these blocks into the sidecar."""
+    """Copy chunks [first_chunk, first_chunk + num_chunks) out of these blocks into the sidecar.
+
+    ``tokens`` holds the request's token ids from chunk ``tokens_from_chunk`` up to the last chunk named: the
+    whole prefix (0) for a request's first store, and only the new chunks' tokens afterwards (the workers keep
+    the earlier ones), so the traffic per request is linear in its length."""
 
     req_id: str
     cache_salt: Optional[str]
@@ -33,6 +37,7 @@ class StoreOp:
     first_chunk: int
     num_chunks: int
     block_ids: bytes
+    tokens_from_chunk: int = 0
 
 
 @dataclass

@@ -11,7 +11,7 @@ from .. import memory
 from .. import protocol as p
 from ..client import Reply, SidecarClient
 from ..config import ShimConfig
-from .metadata import CSharpSidecarMetadata, LoadOp
+from .metadata import CSharpSidecarMetadata, LoadOp, StoreOp
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,16 @@ class WorkerSide:
         self._register_fields: Optional[list] = None
         self._async: Dict[str, Tuple[object, LoadOp, float]] = {}
         self._errors: Set[int] = set()
+        self._failed_async: Dict[str, Set[int]] = {}
         self._finished_recving: Set[str] = set()
+        self._stores: Dict[str, _PendingStores] = {}
         self.stats = {"registrations": 0, "loads": 0, "loaded_chunks": 0, "load_errors": 0, "failed_blocks": 0,
                       "stores": 0, "stored_chunks": 0, "store_errors": 0, "transfer_timeouts": 0,
-                      "load_wait_seconds": 0.0, "store_wait_seconds": 0.0}
+                      "load_wait_seconds": 0.0, "store_submit_seconds": 0.0, "store_token_bytes": 0}
         self.client = SidecarClient(cfg.socket_path, instance_id, "worker", rank, engine_version=engine_version,
                                     connect_timeout=cfg.connect_timeout_ms / 1000,
-                                    retry_interval=cfg.retry_interval_ms / 1000, on_connect=self._on_connect)
+                                    retry_interval=cfg.retry_interval_ms / 1000, on_connect=self._on_connect,
+                                    send_timeout=cfg.send_timeout_ms / 1000)
 
     # --------------------------------------------------------------- registration
 
@@ -60,8 +63,9 @@ class WorkerSide:
         ns = p.namespace(self.model_id, self.cfg.kv_dtype or dtype or "auto", self.spec.block_size,
                          self.cfg.chunk_tokens, self.tp_size, tp_rank)
         self._register_fields = p.register(ns, layers)
-        if not self.client.ensure_connected(force=True):
-            return  # on_connect registers when the sidecar appears
+        # Start-up may wait for the first connection (on_connect registers); if the sidecar is absent the
+        # background connect keeps trying and registers when it appears.
+        self.client.ensure_connected(wait=self.cfg.connect_timeout_ms / 1000)
 
     def _on_connect(self, client: SidecarClient) -> None:
         self.registered = False
@@ -81,6 +85,8 @@ class WorkerSide:
     # --------------------------------------------------------------- loads
 
     def start_load_kv(self, meta: Optional[CSharpSidecarMetadata]) -> None:
+        # Every step: reconnects start within a retry interval of the sidecar's return (in the background).
+        self.client.ensure_connected()
         if meta is None or not meta.loads:
             return
         sync: List[Tuple[object, LoadOp]] = []
@@ -111,14 +117,17 @@ class WorkerSide:
         # Blocks of the chunks not loaded hold garbage: vLLM recomputes them.
         ids = memoryview(op.block_ids).cast("i")
         failed = {b for b in ids[loaded * self.bpc:] if b >= 0}
-        self._errors |= failed
+        if op.is_async:
+            self._failed_async[op.req_id] = failed
+        else:
+            self._errors |= failed
         self.stats["load_errors"] += 1
         self.stats["failed_blocks"] += len(failed)
         if not reply.ok:
             logger.warning("kvsidecar: load of %s failed (%s); %d blocks will be recomputed", op.req_id, reply.error,
                            len(failed))
 
-    def get_finished(self, finished_req_ids) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
+    def _poll_async_loads(self) -> None:
         now = time.monotonic()
         limit = self.cfg.transfer_timeout_ms / 1000
         for req_id, (fut, op, started) in list(self._async.items()):
@@ -131,8 +140,28 @@ class WorkerSide:
                 continue
             del self._async[req_id]
             self._finished_recving.add(req_id)
+
+    def get_finished(self, finished_req_ids) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
+        """vLLM up to about v0.29: failed asynchronous loads are reported as finished plus their failed blocks."""
+        sending = self._finished_sending(finished_req_ids)
+        self._poll_async_loads()
+        for blocks in self._failed_async.values():
+            self._errors |= blocks
+        self._failed_async.clear()
         done, self._finished_recving = self._finished_recving, set()
-        return None, (done or None)
+        return (sending or None), (done or None)
+
+    def get_transfer_results(self, finished_req_ids):
+        """Newest vLLM: a failed asynchronous load is reported per request (``failed_recving``, and also in
+        ``finished_recving`` so the request leaves its wait state), not as block ids."""
+        from .._vllm_api import KVConnectorTransferResults  # noqa: PLC0415 - exists only in newest vLLM
+
+        sending = self._finished_sending(finished_req_ids)
+        self._poll_async_loads()
+        failed = set(self._failed_async)
+        self._failed_async.clear()
+        done, self._finished_recving = self._finished_recving, set()
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=done, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> Set[int]:
         errors, self._errors = self._errors, set()
@@ -141,28 +170,108 @@ class WorkerSide:
     # --------------------------------------------------------------- stores
 
     def wait_for_save(self, meta: Optional[CSharpSidecarMetadata]) -> None:
-        """Stores this step's newly full chunks; returns when the sidecar has copied them out, so the
-        blocks may be reused at once. Failures are dropped (the chunks are simply not cached)."""
+        """Submits this step's stores and returns at once: the forward never waits for a copy. A request that
+        stored keeps its blocks (the scheduler side delays their free) until :meth:`_finished_sending` reports
+        its stores done; the sidecar commits nothing it copied after the deadline sent with each store."""
+        self.client.ensure_connected()
         if meta is None or not meta.stores:
+            self._reap_stores()
             return
         started_ns = time.monotonic_ns()
-        started = started_ns / 1e9
-        # The sidecar commits nothing it copied after we stop waiting (CLOCK_MONOTONIC, shared): we reuse the blocks then.
-        deadline_ms = int(self.cfg.transfer_timeout_ms)
-        deadline_ns = started_ns + deadline_ms * 1_000_000
-        futs = [(self.client.submit(p.Opcode.STORE, p.store(op.req_id, op.cache_salt, op.tokens, op.first_chunk,
-                                                            op.num_chunks, op.block_ids, deadline_ms, deadline_ns)), op)
-                for op in meta.stores]
-        deadline = deadline_ns / 1e9
-        for fut, op in futs:
-            reply = self.client.wait(fut, max(0.0, deadline - time.monotonic()))
-            self.stats["stores"] += 1
-            if reply.ok:
-                self.stats["stored_chunks"] += int(reply.get(0, 0))
-            else:
-                self.stats["store_errors"] += 1
-                logger.debug("kvsidecar: store of %s dropped: %s", op.req_id, reply.error)
-        self.stats["store_wait_seconds"] += time.monotonic() - started
+        deadline_ns = started_ns + int(self.cfg.transfer_timeout_ms * 1_000_000)
+        for op in meta.stores:
+            self._submit_store(op, deadline_ns)
+        self._reap_stores()
+        self.stats["store_submit_seconds"] += (time.monotonic_ns() - started_ns) / 1e9
+
+    def _submit_store(self, op: StoreOp, deadline_ns: int) -> None:
+        pending = self._stores.setdefault(op.req_id, _PendingStores())
+        chunk_bytes = self.cfg.chunk_tokens * 4
+        if op.tokens_from_chunk == 0:
+            pending.tokens = bytearray(op.tokens)
+        elif len(pending.tokens) == op.tokens_from_chunk * chunk_bytes:
+            pending.tokens += op.tokens
+        else:
+            # We missed the start of this request's token history (we were not running then): skip it.
+            self.stats["store_errors"] += 1
+            return
+        end = (op.first_chunk + op.num_chunks) * chunk_bytes
+        chain = pending.chain if pending.chain is not None and p.chain_chunk(pending.chain) < op.first_chunk else None
+        # Resume the sidecar's key chain where the last reply left it: only the new chunks' tokens go out.
+        start = (p.chain_chunk(chain) + 1) * chunk_bytes if chain is not None else 0
+        tokens = bytes(pending.tokens[start:end])
+        # A store may wait for a reconnection under way: it goes out once the memory is registered again.
+        fut = self.client.submit(p.Opcode.STORE, p.store(op.req_id, op.cache_salt, tokens, op.first_chunk,
+                                                         op.num_chunks, op.block_ids,
+                                                         int(self.cfg.transfer_timeout_ms), deadline_ns, chain),
+                                 queue=True)
+        pending.futures.append((fut, deadline_ns))
+        self.stats["stores"] += 1
+        self.stats["store_token_bytes"] += len(tokens)
+
+    def _reap_stores(self) -> None:
+        """Counts stores that completed; a store past its deadline counts as failed (nothing of it is committed)."""
+        now_ns = time.monotonic_ns()
+        for pending in self._stores.values():
+            if not pending.futures:
+                continue
+            keep = []
+            for fut, deadline_ns in pending.futures:
+                if fut.done():
+                    reply = fut.result()
+                    if reply.ok:
+                        self.stats["stored_chunks"] += int(reply.get(0, 0))
+                        chain = reply.get(3)
+                        if chain and (pending.chain is None or p.chain_chunk(chain) > p.chain_chunk(pending.chain)):
+                            pending.chain = bytes(chain)
+                    else:
+                        # A sidecar that restarted no longer knows our chain state: the next store sends the prefix.
+                        pending.chain = None
+                        self.stats["store_errors"] += 1
+                        logger.debug("kvsidecar: a store was dropped: %s", reply.error)
+                elif now_ns > deadline_ns:
+                    self.stats["store_errors"] += 1
+                    self.stats["transfer_timeouts"] += 1
+                else:
+                    keep.append((fut, deadline_ns))
+            pending.futures = keep
+
+    def _finished_sending(self, finished_req_ids) -> Set[str]:
+        """Requests vLLM finished whose stores are all done (or failed): their blocks may be freed now."""
+        self._reap_stores()
+        for req_id in finished_req_ids or ():
+            pending = self._stores.get(req_id)
+            if pending is not None:
+                pending.finished = True
+        done = {req_id for req_id, pending in self._stores.items() if pending.finished and not pending.futures}
+        for req_id in done:
+            del self._stores[req_id]
+        return done
+
+    def wait_for_stores_of(self, req_ids) -> None:
+        """Blocks until the stores of preempted requests are done or past their deadline: vLLM frees a
+        preempted request's blocks at once, so no copy may still be reading them when the next forward runs."""
+        for req_id in req_ids:
+            pending = self._stores.get(req_id)
+            if pending is None:
+                continue
+            for fut, deadline_ns in pending.futures:
+                left = (deadline_ns - time.monotonic_ns()) / 1e9
+                if left > 0:
+                    self.client.wait(fut, left)
+            self._reap_stores()
 
     def shutdown(self) -> None:
         self.client.close()
+
+
+class _PendingStores:
+    """One request's stores in flight, the token history they need, and whether vLLM finished the request."""
+
+    __slots__ = ("futures", "tokens", "finished", "chain")
+
+    def __init__(self):
+        self.futures: List[Tuple[object, int]] = []
+        self.tokens = bytearray()
+        self.finished = False
+        self.chain: Optional[bytes] = None

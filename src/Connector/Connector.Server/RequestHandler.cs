@@ -21,7 +21,8 @@ namespace Connector.Server;
 /// <param name="NumChunks">The chunks named.</param>
 /// <param name="BlockIds">The engine block ids, i32le.</param>
 /// <param name="Deadline">When the copy must stop (the engine's deadline, capped by Sidecar:DefaultCopyTimeout).</param>
-internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, string RequestId, string? CacheSalt, byte[] Tokens, int FirstChunk, int NumChunks, byte[] BlockIds, CopyDeadline Deadline)
+/// <param name="Chain">A STORE's sealed chain state to resume the key chain from, or null.</param>
+internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, string RequestId, string? CacheSalt, byte[] Tokens, int FirstChunk, int NumChunks, byte[] BlockIds, CopyDeadline Deadline, byte[]? Chain = null)
 {
     /// <summary>Bytes the copy moves at most (chunks times chunk bytes), for the connection's in-flight budget.</summary>
     public long Bytes => Math.Max(0, NumChunks) * Registration.Geometry.ChunkBytes;
@@ -120,10 +121,11 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
         string? requestId, salt;
         int first, count;
         long deadline;
+        byte[]? chain = null;
         if (opcode == Opcode.Store)
         {
             StoreRequest s = ProtocolSerializer.Deserialize<StoreRequest>(body);
-            (requestId, salt, tokens, keys, first, count, blockIds) = (s.RequestId, s.CacheSalt, s.Tokens, s.Keys, s.FirstChunk, s.NumChunks, s.BlockIds);
+            (requestId, salt, tokens, keys, first, count, blockIds, chain) = (s.RequestId, s.CacheSalt, s.Tokens, s.Keys, s.FirstChunk, s.NumChunks, s.BlockIds, s.Chain);
             deadline = s.DeadlineNs != 0 ? (long)Math.Min(s.DeadlineNs, long.MaxValue) : LegacyStoreDeadline(arrived, s.DeadlineMs);
         }
         else
@@ -145,7 +147,7 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
 
         // Every copy ends: the engine's deadline, but never later than the configured bound from now.
         long cap = arrived + (long)options.DefaultCopyTimeout.TotalNanoseconds;
-        return new CopyJob(opcode, registration, requestId ?? string.Empty, salt, tokens, first, count, blockIds ?? [], new CopyDeadline(Math.Min(deadline, cap), cancellation));
+        return new CopyJob(opcode, registration, requestId ?? string.Empty, salt, tokens, first, count, blockIds ?? [], new CopyDeadline(Math.Min(deadline, cap), cancellation), chain);
     }
 
     /// <summary>Runs a copy; safe to call from any thread.</summary>
@@ -155,8 +157,8 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
         ReadOnlySpan<int> blocks = WireArrays.AsBlockIds(job.BlockIds);
         if (job.Opcode == Opcode.Store)
         {
-            StoreResult r = cache.Store(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline);
-            return new StoreReply { Stored = r.Stored, AlreadyPresent = r.AlreadyPresent, Failed = r.Failed };
+            StoreResult r = cache.Store(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline, job.Chain);
+            return new StoreReply { Stored = r.Stored, AlreadyPresent = r.AlreadyPresent, Failed = r.Failed, Chain = r.Chain };
         }
 
         int loaded = cache.Load(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline);

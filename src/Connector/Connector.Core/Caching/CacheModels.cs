@@ -37,7 +37,18 @@ public enum LookupOutcome
 }
 
 /// <summary>What a store did.</summary>
-public readonly record struct StoreResult(int Stored, int AlreadyPresent, int Failed);
+/// <param name="Stored">Chunks copied into the cache.</param>
+/// <param name="AlreadyPresent">Chunks that were cached already.</param>
+/// <param name="Failed">Chunks not stored (no room, or the copy ended after the deadline).</param>
+/// <param name="Chain">The sealed chain state of the last chunk named (<see cref="Keys.ChainToken"/>), or null.</param>
+public readonly record struct StoreResult(int Stored, int AlreadyPresent, int Failed, byte[]? Chain = null)
+{
+    /// <summary>Compares the counts only (the chain token is sealed with a random per-process secret).</summary>
+    public bool Equals(StoreResult other) => Stored == other.Stored && AlreadyPresent == other.AlreadyPresent && Failed == other.Failed;
+
+    /// <inheritdoc/>
+    public override int GetHashCode() => HashCode.Combine(Stored, AlreadyPresent, Failed);
+}
 
 /// <summary>Where the chunk keys of a store or load come from: always the request's tokens, hashed by the sidecar.</summary>
 /// <remarks>

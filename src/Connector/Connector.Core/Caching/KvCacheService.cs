@@ -246,14 +246,16 @@ public sealed class KvCacheService : IDisposable
     /// <param name="blockIds">numChunks times blocks-per-chunk engine block ids, chunk by chunk.</param>
     /// <param name="deadline">When the engine stops waiting and may overwrite the blocks: copies stop there, and
     /// nothing copied is committed after it.</param>
-    public StoreResult Store(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline)
+    /// <param name="chain">A sealed chain state from an earlier store of the request (<see cref="StoreResult.Chain"/>);
+    /// with it, <paramref name="source"/> holds tokens from the chunk after the one it names. Empty: from the first token.</param>
+    public StoreResult Store(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline, ReadOnlySpan<byte> chain = default)
     {
         ArgumentNullException.ThrowIfNull(registration);
         CheckRequest(requestId, cacheSalt, source.Tokens.Length);
         Acquire(registration);
         try
         {
-            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds, deadline);
+            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds, deadline, chain);
         }
         finally
         {
@@ -261,9 +263,9 @@ public sealed class KvCacheService : IDisposable
         }
     }
 
-    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline)
+    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline, ReadOnlySpan<byte> chain)
     {
-        using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: false);
+        using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: false, chain);
         transfer.ValidateBlockIds();
         long chunkBytes = registration.Geometry.ChunkBytes;
         int[] indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
@@ -298,7 +300,7 @@ public sealed class KvCacheService : IDisposable
             {
                 // Too late: the engine may have reused the blocks while we copied. The finally aborts the slabs.
                 Interlocked.Increment(ref _lateStores);
-                return new StoreResult(0, present, failed + reserved);
+                return new StoreResult(0, present, failed + reserved, transfer.SealLast());
             }
 
             for (; committed < reserved; committed++)
@@ -308,7 +310,7 @@ public sealed class KvCacheService : IDisposable
 
             Interlocked.Add(ref _storedChunks, reserved);
             Interlocked.Add(ref _storedBytes, reserved * chunkBytes);
-            return new StoreResult(reserved, present, failed);
+            return new StoreResult(reserved, present, failed, transfer.SealLast());
         }
         catch (EngineMemoryException ex)
         {

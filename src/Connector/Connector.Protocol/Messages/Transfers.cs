@@ -81,6 +81,12 @@ public sealed class StoreRequest
     /// <summary>The engine's deadline as an absolute CLOCK_MONOTONIC time in nanoseconds (0: none). Copies stop
     /// at it and nothing copied after it is committed. Takes precedence over <see cref="DeadlineMs"/>.</summary>
     [Key(8)] public ulong DeadlineNs { get; set; }
+
+    /// <summary>An opaque chain state from an earlier STORE reply of the same request, or nil. With it,
+    /// <see cref="Tokens"/> holds the tokens from the chunk after the one it names (not the whole prefix), so a
+    /// long generation sends each token once. The sidecar accepts only states it sealed for the caller's
+    /// namespace and salt.</summary>
+    [Key(9)] public byte[]? Chain { get; set; }
 }
 
 /// <summary>The reply to STORE.</summary>
@@ -95,6 +101,9 @@ public sealed class StoreReply
 
     /// <summary>Chunks not stored for lack of space.</summary>
     [Key(2)] public int Failed { get; set; }
+
+    /// <summary>The sealed chain state of the last chunk named, for the request's next STORE (opaque, 68 bytes).</summary>
+    [Key(3)] public byte[]? Chain { get; set; }
 }
 
 /// <summary>LOAD: copy chunks from the cache into engine blocks.</summary>
