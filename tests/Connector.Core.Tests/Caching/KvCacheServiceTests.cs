@@ -48,6 +48,33 @@ public sealed class KvCacheServiceTests : IDisposable
     }
 
     [Fact]
+    public void Store_ResumedFromChainState_KeysEqualAWholePrefixStore()
+    {
+        EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
+        uint[] tokens = Tokens(3 * ChunkTokens, 21);
+        StoreResult first = _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens.AsSpan(0, 2 * ChunkTokens)), 0, 2, [0, 1, 2, 3, 4, 5, 6, 7], CopyDeadline.None);
+        Assert.NotNull(first.Chain);
+
+        // Only the third chunk's tokens travel, with the chain state of chunk 1.
+        StoreResult next = _cache.Store(reg, "r", null, ChunkSource.FromTokens(tokens.AsSpan(2 * ChunkTokens)), 2, 1, [8, 9, 10, 11], CopyDeadline.None, first.Chain);
+        Assert.Equal(1, next.Stored);
+        Assert.Equal(3, _cache.Lookup(2, "i", "q", null, tokens, lease: false).HitChunks);
+    }
+
+    [Fact]
+    public void Store_ChainStateOfAnotherSaltOrAtFirstChunk_BadRequestNothingStored()
+    {
+        EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
+        uint[] tokens = Tokens(2 * ChunkTokens, 22);
+        byte[] chain = _cache.Store(reg, "r", "tenant-a", ChunkSource.FromTokens(tokens.AsSpan(0, ChunkTokens)), 0, 1, [0, 1, 2, 3], CopyDeadline.None).Chain!;
+        var otherSalt = Assert.Throws<CacheException>(() => _cache.Store(reg, "r", "tenant-b", ChunkSource.FromTokens(tokens.AsSpan(ChunkTokens)), 1, 1, [4, 5, 6, 7], CopyDeadline.None, chain));
+        Assert.Equal(CacheError.BadRequest, otherSalt.Code);
+        var notBefore = Assert.Throws<CacheException>(() => _cache.Store(reg, "r", "tenant-a", ChunkSource.FromTokens(tokens), 0, 1, [4, 5, 6, 7], CopyDeadline.None, chain));
+        Assert.Equal(CacheError.BadRequest, notBefore.Code);
+        Assert.Equal(1, _cache.GetStats().Chunks);
+    }
+
+    [Fact]
     public void Lookup_StopsAtFirstMissingChunk()
     {
         EngineRegistration reg = _cache.Register(1, "i", Ns(), _pool.Layers());
