@@ -111,8 +111,8 @@ class SidecarClient:
                 thread = self._connecting = threading.Thread(target=self._connect, daemon=True,
                                                              name="kvsidecar-connect")
                 thread.start()
-        if wait > 0 and thread is not None:
-            self._ready.wait(wait)
+        if wait > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(wait)  # ends early when the attempt fails (no sidecar) or succeeds
         return self._ready.is_set()
 
     def _connect(self) -> None:
