@@ -6,7 +6,8 @@ failure is a cache miss or a "recompute these blocks", never an exception into v
 
 Extra config (``kv_transfer_config.kv_connector_extra_config``), see :class:`csharp_kv.config.ShimConfig`:
 ``socket_path``, ``chunk_tokens``, ``lookup_wait_ms``, ``lookup_timeout_ms``, ``transfer_timeout_ms``,
-``connect_timeout_ms``, ``retry_interval_ms``, ``async_load``, ``model_id``, ``kv_dtype``, ``store_output``.
+``connect_timeout_ms``, ``retry_interval_ms``, ``send_timeout_ms``, ``async_load``, ``model_id``, ``kv_dtype``,
+``store_output``.
 """
 
 from __future__ import annotations
