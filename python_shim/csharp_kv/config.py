@@ -28,7 +28,7 @@ class ShimConfig:
       or /run/kvsidecar/sidecar.sock).
     - ``chunk_tokens``: tokens per cached chunk, a multiple of the block size (default 256).
     - ``lookup_wait_ms``: the most the scheduler waits for lookup answers in one step, all requests together;
-      a lookup not answered by then is "not yet" and asked again next step (default 1).
+      a lookup not answered by then is "not yet" and asked again next step (default 0.5).
     - ``lookup_timeout_ms``: after this a lookup counts as a miss (default 1000).
     - ``transfer_timeout_ms``: the most a load or store may take before it counts as failed (default 10000).
     - ``connect_timeout_ms``, ``retry_interval_ms``: connection set-up (in the background) and the least time
@@ -42,7 +42,7 @@ class ShimConfig:
 
     socket_path: str
     chunk_tokens: int = 256
-    lookup_wait_ms: float = 1.0
+    lookup_wait_ms: float = 0.5
     lookup_timeout_ms: float = 1000.0
     transfer_timeout_ms: float = 10000.0
     connect_timeout_ms: float = 500.0
@@ -97,7 +97,7 @@ class ShimConfig:
         return ShimConfig(
             socket_path=socket_path,
             chunk_tokens=chunk,
-            lookup_wait_ms=number("lookup_wait_ms", 1.0, 0.0),
+            lookup_wait_ms=number("lookup_wait_ms", 0.5, 0.0),
             lookup_timeout_ms=number("lookup_timeout_ms", 1000.0, 1.0),
             transfer_timeout_ms=number("transfer_timeout_ms", 10000.0, 1.0),
             connect_timeout_ms=number("connect_timeout_ms", 500.0, 1.0),

@@ -33,6 +33,8 @@ class WorkerSide:
         self._failed_async: Dict[str, Set[int]] = {}
         self._finished_recving: Set[str] = set()
         self._stores: Dict[str, _PendingStores] = {}
+        self._in_flight: Set[str] = set()      # requests with stores not yet answered
+        self._done_sending: Set[str] = set()   # finished requests whose stores are all answered
         self.stats = {"registrations": 0, "loads": 0, "loaded_chunks": 0, "load_errors": 0, "failed_blocks": 0,
                       "stores": 0, "stored_chunks": 0, "store_errors": 0, "transfer_timeouts": 0,
                       "load_wait_seconds": 0.0, "store_submit_seconds": 0.0, "store_token_bytes": 0}
@@ -174,14 +176,14 @@ class WorkerSide:
         stored keeps its blocks (the scheduler side delays their free) until :meth:`_finished_sending` reports
         its stores done; the sidecar commits nothing it copied after the deadline sent with each store."""
         self.client.ensure_connected()
+        # Replies first: a store resumes from the newest chain state we hold.
+        self._reap_stores()
         if meta is None or not meta.stores:
-            self._reap_stores()
             return
         started_ns = time.monotonic_ns()
         deadline_ns = started_ns + int(self.cfg.transfer_timeout_ms * 1_000_000)
         for op in meta.stores:
             self._submit_store(op, deadline_ns)
-        self._reap_stores()
         self.stats["store_submit_seconds"] += (time.monotonic_ns() - started_ns) / 1e9
 
     def _submit_store(self, op: StoreOp, deadline_ns: int) -> None:
@@ -206,15 +208,17 @@ class WorkerSide:
                                                          int(self.cfg.transfer_timeout_ms), deadline_ns, chain),
                                  queue=True)
         pending.futures.append((fut, deadline_ns))
+        self._in_flight.add(op.req_id)
         self.stats["stores"] += 1
         self.stats["store_token_bytes"] += len(tokens)
 
     def _reap_stores(self) -> None:
         """Counts stores that completed; a store past its deadline counts as failed (nothing of it is committed)."""
+        if not self._in_flight:
+            return
         now_ns = time.monotonic_ns()
-        for pending in self._stores.values():
-            if not pending.futures:
-                continue
+        for req_id in list(self._in_flight):
+            pending = self._stores[req_id]
             keep = []
             for fut, deadline_ns in pending.futures:
                 if fut.done():
@@ -235,17 +239,23 @@ class WorkerSide:
                 else:
                     keep.append((fut, deadline_ns))
             pending.futures = keep
+            if not keep:
+                self._in_flight.discard(req_id)
+                if pending.finished:
+                    self._done_sending.add(req_id)
 
     def _finished_sending(self, finished_req_ids) -> Set[str]:
         """Requests vLLM finished whose stores are all done (or failed): their blocks may be freed now."""
-        self._reap_stores()
         for req_id in finished_req_ids or ():
             pending = self._stores.get(req_id)
             if pending is not None:
                 pending.finished = True
-        done = {req_id for req_id, pending in self._stores.items() if pending.finished and not pending.futures}
+                if not pending.futures:
+                    self._done_sending.add(req_id)
+        self._reap_stores()
+        done, self._done_sending = self._done_sending, set()
         for req_id in done:
-            del self._stores[req_id]
+            self._stores.pop(req_id, None)
         return done
 
     def wait_for_stores_of(self, req_ids) -> None:
