@@ -41,6 +41,9 @@ internal static partial class SidecarLog
     [LoggerMessage(EventId = 12, EventName = "ConnectionDropped", Level = LogLevel.Warning, Message = "Connection {SessionId} ({Peer}): dropped, {Reason}")]
     public static partial void ConnectionDropped(ILogger logger, long sessionId, string peer, string reason);
 
+    [LoggerMessage(EventId = 14, EventName = "WarmupFailed", Level = LogLevel.Warning, Message = "The start-up warm-up of the copy path failed; the first requests compile it instead")]
+    public static partial void WarmupFailed(ILogger logger, Exception exception);
+
     [LoggerMessage(EventId = 13, EventName = "ConnectionFailed", Level = LogLevel.Error, Message = "Connection {SessionId} ({Peer}) failed and was closed; the sidecar serves on")]
     public static partial void ConnectionFailed(ILogger logger, Exception exception, long sessionId, string peer);
 }

@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Net.Sockets;
 using Connector.Core.Caching;
+using Connector.Core.Memory;
 using Connector.Core.Platform;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
@@ -42,6 +43,16 @@ internal sealed class UnixSocketServer(
     public Task StartAsync(CancellationToken cancellationToken)
     {
         Connector.Protocol.ProtocolSerializer.Warm();
+        try
+        {
+            CacheWarmup.Run();
+        }
+        catch (Exception ex) when (ex is CacheException or EngineMemoryException)
+        {
+            // Only a warm-up: the first real requests pay the JIT instead.
+            SidecarLog.WarmupFailed(_logger, ex);
+        }
+
         string path = _options.ResolveSocketPath();
         string? directory = Path.GetDirectoryName(path);
         if (!string.IsNullOrEmpty(directory) && !Directory.Exists(directory))
