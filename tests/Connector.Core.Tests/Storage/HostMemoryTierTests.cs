@@ -20,7 +20,7 @@ public sealed class HostMemoryTierTests
     private HostMemoryTier Tier(int chunks, long extent = 4 * Chunk) =>
         new(new HostTierOptions { CapacityBytes = (chunks * Chunk) + MetadataHeadroom, ExtentBytes = extent, LeaseTtl = TimeSpan.FromSeconds(10) }, _time);
 
-    private static ChunkKey K(int i)
+    internal static ChunkKey K(int i)
     {
         Span<byte> b = stackalloc byte[32];
         b.Clear();
@@ -252,31 +252,6 @@ public sealed class HostMemoryTierTests
     }
 
     [Fact]
-    public void Metadata_FilledWithSmall256TokenChunks_MeasuredUnderOnePercentAndCountedInBudget()
-    {
-        // The smallest realistic 256-token chunk: 1 layer x K,V x 256 tokens x 64-byte rows = 32 KiB (a Llama-8B
-        // chunk is 32 MiB). Extents are native and never touched here, so the managed heap growth is the metadata.
-        const long ChunkBytes = 2L * 256 * 64;
-        const int Chunks = 8192;
-        long heapBefore = GC.GetTotalMemory(forceFullCollection: true);
-        using var tier = new HostMemoryTier(new HostTierOptions { CapacityBytes = (Chunks * ChunkBytes) + (4L << 20), ExtentBytes = 32L << 20 }, _time);
-        for (int i = 0; i < Chunks; i++)
-        {
-            Assert.Equal(StoreBegin.Reserved, tier.TryBeginStore(K(i), i == 0 ? ChunkKey.None : K(i - 1), ChunkBytes, out SlabRef slab));
-            tier.CommitStore(slab);
-        }
-
-        long measured = GC.GetTotalMemory(forceFullCollection: true) - heapBefore;
-        long used = tier.GetStats().UsedBytes;
-        Assert.Equal(Chunks * ChunkBytes, used);
-        Assert.True(measured <= used / 100, $"metadata measured at {measured} bytes for {used} bytes of chunks ({(double)measured / used:P3})");
-
-        // The budget charges the estimate, so it must not undercount what the heap really holds.
-        Assert.True(tier.MetadataBytesEstimate >= measured * 8 / 10, $"estimate {tier.MetadataBytesEstimate} vs measured {measured}");
-        Assert.True(tier.GetStats().AllocatedBytes + tier.MetadataBytesEstimate <= tier.GetStats().CapacityBytes);
-    }
-
-    [Fact]
     public void TryBeginStore_EvictionCannotMakeRoom_NoSpaceAndNothingEvicted()
     {
         using var tier = Tier(4, extent: Chunk);
@@ -373,5 +348,41 @@ public sealed class HostMemoryTierDisposeTests
         {
             Assert.All(new Span<byte>((void*)pinned.Address, 4096).ToArray(), b => Assert.Equal(0x42, b));
         }
+    }
+}
+
+/// <summary>Tests that measure the whole managed heap: they run alone, since a forced collection or another
+/// test's allocations would disturb every other heap measurement running at the same time.</summary>
+[CollectionDefinition(nameof(HeapMeasurements), DisableParallelization = true)]
+public sealed class HeapMeasurements;
+
+[Collection(nameof(HeapMeasurements))]
+public sealed class HostMemoryTierMetadataTests
+{
+    private static ChunkKey Key(int i) => HostMemoryTierTests.K(i);
+
+    [Fact]
+    public void Metadata_FilledWithSmall256TokenChunks_MeasuredUnderOnePercentAndCountedInBudget()
+    {
+        // The smallest realistic 256-token chunk: 1 layer x K,V x 256 tokens x 64-byte rows = 32 KiB (a Llama-8B
+        // chunk is 32 MiB). Extents are native and never touched here, so the managed heap growth is the metadata.
+        const long ChunkBytes = 2L * 256 * 64;
+        const int Chunks = 8192;
+        long heapBefore = GC.GetTotalMemory(forceFullCollection: true);
+        using var tier = new HostMemoryTier(new HostTierOptions { CapacityBytes = (Chunks * ChunkBytes) + (4L << 20), ExtentBytes = 32L << 20 }, new FakeTimeProvider());
+        for (int i = 0; i < Chunks; i++)
+        {
+            Assert.Equal(StoreBegin.Reserved, tier.TryBeginStore(Key(i), i == 0 ? ChunkKey.None : Key(i - 1), ChunkBytes, out SlabRef slab));
+            tier.CommitStore(slab);
+        }
+
+        long measured = GC.GetTotalMemory(forceFullCollection: true) - heapBefore;
+        long used = tier.GetStats().UsedBytes;
+        Assert.Equal(Chunks * ChunkBytes, used);
+        Assert.True(measured <= used / 100, $"metadata measured at {measured} bytes for {used} bytes of chunks ({(double)measured / used:P3})");
+
+        // The budget charges the estimate, so it must not undercount what the heap really holds.
+        Assert.True(tier.MetadataBytesEstimate >= measured * 8 / 10, $"estimate {tier.MetadataBytesEstimate} vs measured {measured}");
+        Assert.True(tier.GetStats().AllocatedBytes + tier.MetadataBytesEstimate <= tier.GetStats().CapacityBytes);
     }
 }
