@@ -64,7 +64,7 @@ class EngineOptions:
     use_mla: bool = False
     # "v029" or "newest"; None: $FAKE_VLLM_API as this process started with, else v029.
     api: Optional[str] = None
-    # Newest only: refuse the first async admission and every K-th after it (the reservation check).
+    # Newest only: refuse each request's first async admission and every K-th after it (as the reservation check may).
     refuse_async_admission_every: int = 0
     # Newest only: the local prefix cache also keeps finished requests' partial tail blocks.
     local_partial_tail: bool = False

@@ -10,7 +10,8 @@ What ``api="newest"`` changes:
 * ``get_num_new_matched_tokens`` receives the block-aligned local hit; with ``local_partial_tail`` the local
   prefix cache can also hit a partial tail block: a remote hit past it truncates the local tail, otherwise the
   external hit is forced to ``(0, False)``; the external hit is rounded down to a block;
-* an async load answered ``(n, True)`` may not be admitted in that step (``refuse_async_admission_every``):
+* an async load answered ``(n, True)`` may not be admitted in that step (no room next to the reservations of
+  in-flight prefills, or ``refuse_async_admission_every``):
   no ``update_state_after_alloc`` follows and the request is asked again in a later step;
 * ``failed_recving``: recompute (``num_computed_tokens = 0``, retried) or fail (``FINISHED_ERROR``);
 * ``get_kv_connector_stats()`` on every ``update_from_output``; ``has_pending_block_frees()`` stops the
@@ -130,7 +131,7 @@ class RequestRecord:
     """What the harness saw of one request: for assertions and for the message of a failed run."""
 
     __slots__ = ("lookups", "not_yet", "load_attempts", "claimed_external", "failed_loads", "refused_admissions",
-                 "prompt_tokens_computed", "local_tokens", "events")
+                 "async_admission_attempts", "prompt_tokens_computed", "local_tokens", "events")
 
     def __init__(self):
         self.lookups = 0                # get_num_new_matched_tokens calls
@@ -139,6 +140,7 @@ class RequestRecord:
         self.claimed_external = 0       # external tokens over all those admissions
         self.failed_loads = 0           # loads reported failed (invalid blocks or failed_recving)
         self.refused_admissions = 0     # async hits the scheduler did not admit in that step (newest)
+        self.async_admission_attempts = 0  # async hits that reached the admission check (newest)
         self.prompt_tokens_computed = 0  # prompt tokens the forward computed (recomputed ones included)
         self.local_tokens = 0
         self.events: List[str] = []     # a short history, newest last
@@ -192,7 +194,6 @@ class FakeScheduler:
         self.finished: List[Request] = []
         self.step_index = 0
         self.loads_planned: List[str] = []             # requests given an external hit in the last schedule()
-        self.async_admission_attempts = 0
         self._skip_zero: Set[int] = set()
         self._copies: List[Tuple[int, int]] = []
         self._copy_sources: List[int] = []
@@ -399,8 +400,8 @@ class FakeScheduler:
     def _async_admissible(self, req: Request, rec: RequestRecord, ext: int) -> bool:
         """Newest: an async load is admitted only if the request's whole prefill fits in the free blocks minus
         those reserved for the prefills of requests whose async loads are in flight (else every block could end
-        up held by loaded requests that cannot grow). The harness also refuses the first attempt and every K-th
-        one after it (``refuse_async_admission_every``)."""
+        up held by loaded requests that cannot grow). The harness also refuses each request's first attempt and
+        every K-th one after it (``refuse_async_admission_every``)."""
         reserved = sum(max(0, -(-r.num_tokens // self.bs) - len(self.blocks.get(r.request_id, [])))
                        for r in self.waiting if r is not req and self._holds_kv(r))
         need = -(-req.num_tokens // self.bs) - len(self.blocks.get(req.request_id, []))
@@ -408,8 +409,8 @@ class FakeScheduler:
         if need > len(self.pool.free) - reserved:
             reason = f"needs {need} blocks, {len(self.pool.free)} free, {reserved} reserved"
         elif self.refuse_every:
-            self.async_admission_attempts += 1
-            if (self.async_admission_attempts - 1) % self.refuse_every == 0:
+            rec.async_admission_attempts += 1
+            if (rec.async_admission_attempts - 1) % self.refuse_every == 0:
                 reason = "refused by the harness"
         if reason is None:
             return True
