@@ -60,3 +60,38 @@ def kv_views(t: torch.Tensor, era: str, g: Geometry):
         return t[:, 0], t[:, 1]
     d = g.head_size
     return t[..., :d].transpose(1, 2), t[..., d:].transpose(1, 2)
+
+
+def fill_blocks(kv_caches: dict, era: str, g: Geometry, block_ids, value: float) -> None:
+    """Every slot of these blocks, K and V of every layer, set to ``value`` (zeroing, or the harness's poison)."""
+    idx = torch.tensor(list(block_ids), dtype=torch.long)
+    for t in kv_caches.values():
+        k, v = kv_views(t, era, g)
+        k[idx] = value
+        v[idx] = value
+
+
+def copy_blocks(kv_caches: dict, era: str, g: Geometry, pairs) -> None:
+    """Block copies ``(src, dst)`` inside the KV cache, every layer."""
+    src = torch.tensor([s for s, _ in pairs], dtype=torch.long)
+    dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+    for t in kv_caches.values():
+        k, v = kv_views(t, era, g)
+        k[dst] = k[src]
+        v[dst] = v[src]
+
+
+def make_copy_blocks_op(era: str, g: Geometry):
+    """What the worker hands to ``set_host_xfer_buffer_ops``: vLLM's ``copy_kv_blocks(src_kv_caches,
+    dst_kv_caches, src_block_ids, dst_block_ids, direction)`` for tensors of this era."""
+
+    def copy_kv_blocks(src_kv_caches: dict, dst_kv_caches: dict, src_block_ids, dst_block_ids, direction) -> None:
+        src = torch.tensor(list(src_block_ids), dtype=torch.long)
+        dst = torch.tensor(list(dst_block_ids), dtype=torch.long)
+        for name, s in src_kv_caches.items():
+            sk, sv = kv_views(s, era, g)
+            dk, dv = kv_views(dst_kv_caches[name], era, g)
+            dk[dst] = sk[src].to(dk.device)
+            dv[dst] = sv[src].to(dv.device)
+
+    return copy_kv_blocks

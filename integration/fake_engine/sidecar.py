@@ -69,12 +69,14 @@ class SidecarProcess:
                      "--extent-bytes", str(extent_bytes or min(capacity_bytes, 64 << 20)), *extra_args]
         self.proc: Optional[subprocess.Popen] = None
         self.lines: List[str] = []
+        self.ready_at: Optional[float] = None  # time.monotonic() when the last start printed READY
         self.start()
 
     def start(self) -> None:
         """Starts the daemon (again, after :meth:`kill`, on the same socket) and waits for READY; raises
         SidecarStartError when it exits first or is not READY within ``ready_timeout``."""
         ready = threading.Event()
+        self.ready_at = None
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace")
         reader = threading.Thread(target=self._read_output, args=(self.proc, ready), daemon=True,
@@ -98,6 +100,7 @@ class SidecarProcess:
         for line in proc.stdout:
             self.lines.append(line)
             if line.startswith("READY "):
+                self.ready_at = time.monotonic()
                 ready.set()
 
     @property
@@ -111,6 +114,16 @@ class SidecarProcess:
         """The daemon's last ``last`` lines of output."""
         return "".join(self.lines[-last:])
 
+    def pause(self) -> None:
+        """SIGSTOP: the daemon stops answering, its socket stays (a stalled sidecar); :meth:`resume` undoes it."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL; :meth:`start` brings it back on the same socket."""
         if self.alive():
@@ -120,6 +133,7 @@ class SidecarProcess:
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 20 s), and the socket's directory is removed: the end of this sidecar."""
         if self.alive():
+            self.proc.send_signal(signal.SIGCONT)  # a paused daemon would not act on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)

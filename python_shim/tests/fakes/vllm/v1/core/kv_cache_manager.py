@@ -1,7 +1,7 @@
-"""Fake ``KVCacheBlocks``."""
+"""Fake ``KVCacheBlocks`` and a thin ``KVCacheManager`` (what ``bind_kv_cache_manager`` receives)."""
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 
 @dataclass
@@ -21,3 +21,24 @@ class KVCacheBlocks:
 
     def new_empty(self) -> "KVCacheBlocks":
         return KVCacheBlocks(tuple([] for _ in self.blocks))
+
+
+class KVCacheManager:
+    """The parts a connector may read: ``block_pool``, ``block_size``, a request's blocks, and usage. The
+    fake scheduler owns the pool and the request -> block ids table; this object only looks at them."""
+
+    def __init__(self, block_pool, req_to_block_ids: Dict[str, List[int]], block_size: int):
+        self.block_pool = block_pool
+        self.block_size = block_size
+        self._req_to_block_ids = req_to_block_ids
+        self.num_kv_cache_groups = 1
+
+    def get_blocks(self, request_id: str) -> KVCacheBlocks:
+        return KVCacheBlocks(([KVCacheBlock(b) for b in self._req_to_block_ids.get(request_id, [])],))
+
+    def get_block_ids(self, request_id: str) -> Tuple[List[int], ...]:
+        return (list(self._req_to_block_ids.get(request_id, [])),)
+
+    @property
+    def usage(self) -> float:
+        return self.block_pool.get_usage()

@@ -1,14 +1,33 @@
 """Fake ``vllm.distributed.kv_transfer.kv_connector.v1.base``: the signatures and the abstract set of
-engines.md 1.1-1.2, copied by hand."""
+engines.md 1.1-1.2 (``FAKE_VLLM_API=v029``) or engines-drift.md 1.1-1.2 (``FAKE_VLLM_API=newest``), copied
+by hand. Members that one version lacks are absent, not stubs: ``hasattr`` and ``import`` tell them apart
+as they would against the real vLLM."""
 
 import enum
 import logging
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable, Literal, Optional
 
+from vllm import NEWEST as _NEWEST
+
+if _NEWEST:
+    from contextlib import AbstractContextManager
+    from dataclasses import dataclass, field
+
 logger = logging.getLogger(__name__)
 
 CopyBlocksOp = Callable[[dict, dict, list, list, Literal["h2d", "d2h"]], None]
+
+if _NEWEST:
+    @dataclass
+    class KVConnectorTransferResults:
+        """Per-step transfer results of a worker (newest only). Failed receives also appear in
+        ``finished_recving`` so the scheduler can release the request from its transfer wait state."""
+
+        finished_sending: set = field(default_factory=set)
+        finished_recving: set = field(default_factory=set)
+        failed_recving: set = field(default_factory=set)
+        prefix_replay_checkpoints: dict = field(default_factory=dict)
 
 
 class KVConnectorRole(enum.Enum):
@@ -50,26 +69,39 @@ class KVConnectorBase_V1(ABC):
         self._kv_transfer_config = vllm_config.kv_transfer_config
         self._kv_cache_config = kv_cache_config
         self._role = role
-        self.use_eagle_prefix_cache_hashing = False
+        if _NEWEST:
+            self._kv_cache_manager = None
+        else:
+            self.use_eagle_prefix_cache_hashing = False
 
     @property
     def role(self) -> KVConnectorRole:
         return self._role
 
-    @property
-    def prefer_cross_layer_blocks(self) -> bool:
-        return False
+    if _NEWEST:
+        @property
+        def supports_divergent_local_hybrid_hits(self) -> bool:
+            return False
+    else:
+        @property
+        def prefer_cross_layer_blocks(self) -> bool:
+            return False
 
-    @property
-    def supports_eagle_prefix_cache_hashing(self) -> bool:
-        return False
+        @property
+        def supports_eagle_prefix_cache_hashing(self) -> bool:
+            return False
+
+        def set_eagle_prefix_cache_hashing(self, enabled: bool) -> None:
+            self.use_eagle_prefix_cache_hashing = enabled
 
     @property
     def requires_kv_delivery(self) -> bool:
         return self._kv_transfer_config.is_kv_producer
 
-    def set_eagle_prefix_cache_hashing(self, enabled: bool) -> None:
-        self.use_eagle_prefix_cache_hashing = enabled
+    if _NEWEST:
+        def get_mem_pool_context(self) -> "Optional[AbstractContextManager]":
+            """A custom KV cache allocation context; None uses the engine's default memory pool."""
+            return None
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         self._connector_metadata = connector_metadata
@@ -87,11 +119,21 @@ class KVConnectorBase_V1(ABC):
     def register_kv_caches(self, kv_caches: dict) -> None:
         return
 
-    def register_cross_layers_kv_cache(self, kv_cache, attn_backend) -> None:
-        return
+    if not _NEWEST:
+        def register_cross_layers_kv_cache(self, kv_cache, attn_backend) -> None:
+            return
 
     def set_host_xfer_buffer_ops(self, copy_operation: CopyBlocksOp) -> None:
         return
+
+    if _NEWEST:
+        def finish_forward(self) -> None:
+            """Notify the connector that the model no longer reads this step's KV."""
+            return None
+
+        def reset_capture_state(self) -> None:
+            """Reset worker state mutated while capturing CUDA graphs."""
+            return None
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         return
@@ -111,6 +153,12 @@ class KVConnectorBase_V1(ABC):
     def get_finished(self, finished_req_ids: set) -> tuple:
         return None, None
 
+    if _NEWEST:
+        def get_transfer_results(self, finished_req_ids: set) -> "KVConnectorTransferResults":
+            finished_sending, finished_recving = self.get_finished(finished_req_ids)
+            return KVConnectorTransferResults(finished_sending=set(finished_sending or ()),
+                                              finished_recving=set(finished_recving or ()))
+
     def get_block_ids_with_load_errors(self) -> set:
         return set()
 
@@ -128,6 +176,11 @@ class KVConnectorBase_V1(ABC):
 
     def build_connector_worker_meta(self):
         return None
+
+    if _NEWEST:
+        def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+            self._kv_cache_manager = kv_cache_manager
+            self.bind_gpu_block_pool(kv_cache_manager.block_pool)
 
     def bind_gpu_block_pool(self, gpu_block_pool) -> None:
         return None
@@ -147,11 +200,27 @@ class KVConnectorBase_V1(ABC):
     def update_connector_output(self, connector_output) -> None:
         return None
 
+    if _NEWEST:
+        def can_load_prefix_replay_checkpoint(self, request, num_local_tokens: int, num_external_tokens: int) -> bool:
+            return False
+
+        def consume_prefix_replay_checkpoint(self, request, num_hit_tokens: int) -> bool:
+            return False
+
     def request_finished(self, request, block_ids: list) -> tuple:
         return False, None
 
+    if _NEWEST:
+        def register_finished_partial_tail(self, request, block_ids: tuple, partial_tail_offloads: list) -> bool:
+            return False
+
     def take_events(self) -> Iterable:
         return ()
+
+    if _NEWEST:
+        def has_pending_block_frees(self) -> bool:
+            """Whether pending transfers can release blocks instead of preemption."""
+            return False
 
     def has_pending_push_work(self) -> bool:
         return False
