@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -36,6 +37,9 @@ class Reply:
 
 
 UNAVAILABLE = -1
+
+# Bytes of frames that may wait for a sidecar that is slow to read; beyond, the connection is dropped.
+_MAX_BACKLOG_BYTES = 16 << 20
 
 # Requests that may wait for a connection under way (stores); more fail at once.
 _MAX_QUEUED = 1024
@@ -76,7 +80,7 @@ class SidecarClient:
         self.server_pid: Optional[int] = None
         self.max_frame_bytes = 64 << 20
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()
         self._sock: Optional[socket.socket] = None
         self._send_sock: Optional[socket.socket] = None
         self._pending: Dict[int, Future] = {}
@@ -89,6 +93,10 @@ class SidecarClient:
         self._connecting_ident = 0
         self._ready = threading.Event()
         self._queued: List[Tuple[int, Optional[Sequence], Future]] = []
+        self._backlog: "deque[memoryview]" = deque()
+        self._backlog_bytes = 0
+        self._backlog_ready = threading.Condition(self._send_lock)
+        self._writer: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ connection
 
@@ -216,6 +224,8 @@ class SidecarClient:
         return self._send(opcode, fields)
 
     def _send(self, opcode: int, fields: Optional[Sequence]) -> "Future[Reply]":
+        """Writes a frame without ever blocking the caller: what the socket does not take at once waits in a
+        bounded backlog that a writer thread sends within ``send_timeout``."""
         fut: Future = Future()
         with self._send_lock:
             sock = self._send_sock
@@ -226,13 +236,49 @@ class SidecarClient:
             request_id = self._next_id
             self._pending[request_id] = fut
             generation = self._generation
+            frame = p.encode_frame(opcode, request_id, fields)
             try:
-                sock.sendall(p.encode_frame(opcode, request_id, fields))
-            except OSError as e:  # includes socket.timeout: a partial frame leaves the stream unusable
+                if self._backlog:
+                    sent = 0  # keep the order: behind what is already waiting
+                else:
+                    try:
+                        sent = sock.send(frame, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                if sent < len(frame):
+                    self._backlog_bytes += len(frame) - sent
+                    if self._backlog_bytes > _MAX_BACKLOG_BYTES:
+                        raise OSError(f"more than {_MAX_BACKLOG_BYTES} bytes wait for a sidecar that does not read")
+                    self._backlog.append(memoryview(frame)[sent:])
+                    self._backlog_ready.notify()
+                    if self._writer is None:
+                        self._writer = threading.Thread(target=self._write_loop, args=(sock, generation),
+                                                        daemon=True, name="kvsidecar-writer")
+                        self._writer.start()
+            except OSError as e:
                 self._pending.pop(request_id, None)
                 fut.set_result(Reply(error_code=UNAVAILABLE, error=f"send failed: {e}"))
                 self._drop(generation, e)
         return fut
+
+    def _write_loop(self, sock: socket.socket, generation: int) -> None:
+        """Sends the backlog of one connection; a sidecar that takes nothing for ``send_timeout`` is dropped."""
+        while True:
+            with self._send_lock:
+                while not self._backlog and generation == self._generation and self._send_sock is sock:
+                    self._backlog_ready.wait()
+                if generation != self._generation or self._send_sock is not sock:
+                    return
+                chunk = self._backlog[0]
+            try:
+                sock.sendall(chunk)  # the socket's timeout is send_timeout
+            except OSError as e:  # includes socket.timeout: a partial frame leaves the stream unusable
+                self._drop(generation, e)
+                return
+            with self._send_lock:
+                if self._backlog and self._backlog[0] is chunk:
+                    self._backlog.popleft()
+                    self._backlog_bytes -= len(chunk)
 
     def call(self, opcode: int, fields: Optional[Sequence] = None, timeout: float = 5.0) -> Reply:
         return self.wait(self.submit(opcode, fields), timeout)
@@ -286,6 +332,11 @@ class SidecarClient:
             self._ready.clear()
             # The next attempt may start at once: a restarted sidecar is found within one retry interval.
             self._last_attempt = float("-inf")
+        with self._send_lock:
+            self._backlog.clear()
+            self._backlog_bytes = 0
+            self._writer = None
+            self._backlog_ready.notify_all()
         self.counters.disconnects += 1
         if not self._closed:
             logger.warning("kvsidecar: lost the connection to the sidecar (%s); pending transfers fall back to "

@@ -170,7 +170,8 @@ def test_sidecar_that_stops_reading_is_dropped_not_waited_for(stand_in):
             return None
 
         reply = in_thread(flood)
-        assert reply is not None and "send failed" in reply.error
+        # The frames the socket did not take waited in a bounded backlog; then the client gave up the sidecar.
+        assert reply is not None and reply.error_code == UNAVAILABLE
         assert not c.connected
     finally:
         c.close()
