@@ -285,15 +285,19 @@ def test_sidecar_killed_while_loads_are_planned_every_request_is_recomputed(side
     for i in range(3):
         req = finished[f"warm{i}"]
         assert req.status.name == "FINISHED_LENGTH_CAPPED" and req.num_output_tokens == 4, (req.status, req.num_output_tokens)
-    for req_id in killed:
+    # Every load from the kill on fails (a request whose lookup was still pending may have been given its hit
+    # a step later, from an answer that arrived before the kill).
+    loaded = [f"warm{i}" for i in range(3) if e.scheduler.records[f"warm{i}"].load_attempts]
+    assert set(killed) <= set(loaded)
+    for req_id in loaded:
         rec = e.scheduler.records[req_id]
-        assert rec.failed_loads >= 1, f"{req_id}: the load after the kill was never reported as failed"
+        assert rec.failed_loads >= 1, f"{req_id}: its load after the kill was never reported as failed"
         assert rec.load_attempts == 1, (f"{req_id} was given the failed hit again: {rec.load_attempts} loads "
                                         f"({rec.claimed_external} external tokens claimed)")
         assert rec.prompt_tokens_computed >= 300, f"{req_id} computed only {rec.prompt_tokens_computed} prompt tokens"
     if api == "v029" and not async_load:  # today's counters (the connector's own stats())
         stats = e.worker_stats()[0]
-        assert stats["load_errors"] == len(killed) and stats["failed_blocks"] == 16 * len(killed)
+        assert stats["load_errors"] == len(loaded) and stats["failed_blocks"] == 16 * len(loaded)
 
 
 class Stall:
