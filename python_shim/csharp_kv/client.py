@@ -147,7 +147,9 @@ class SidecarClient:
             # so the reader waits with a long timeout of its own (and simply waits again when it expires).
             sock.settimeout(_READ_WAKEUP)
             send_sock = sock.dup()
-            send_sock.settimeout(self.send_timeout)
+            # Callers try a non-blocking send (Python would otherwise wait out the socket's timeout on EAGAIN);
+            # the writer thread sends the rest through the duplicate with send_timeout.
+            send_sock.settimeout(0.0)
         except OSError as e:
             if not self._warned:
                 logger.warning("kvsidecar: cannot reach the sidecar at %s (%s); running without the KV cache "
@@ -252,7 +254,9 @@ class SidecarClient:
                     self._backlog.append(memoryview(frame)[sent:])
                     self._backlog_ready.notify()
                     if self._writer is None:
-                        self._writer = threading.Thread(target=self._write_loop, args=(sock, generation),
+                        slow = sock.dup()
+                        slow.settimeout(self.send_timeout)
+                        self._writer = threading.Thread(target=self._write_loop, args=(sock, slow, generation),
                                                         daemon=True, name="kvsidecar-writer")
                         self._writer.start()
             except OSError as e:
@@ -261,8 +265,14 @@ class SidecarClient:
                 self._drop(generation, e)
         return fut
 
-    def _write_loop(self, sock: socket.socket, generation: int) -> None:
+    def _write_loop(self, sock: socket.socket, slow: socket.socket, generation: int) -> None:
         """Sends the backlog of one connection; a sidecar that takes nothing for ``send_timeout`` is dropped."""
+        try:
+            self._write_backlog(sock, slow, generation)
+        finally:
+            slow.close()
+
+    def _write_backlog(self, sock: socket.socket, slow: socket.socket, generation: int) -> None:
         while True:
             with self._send_lock:
                 while not self._backlog and generation == self._generation and self._send_sock is sock:
@@ -271,7 +281,7 @@ class SidecarClient:
                     return
                 chunk = self._backlog[0]
             try:
-                sock.sendall(chunk)  # the socket's timeout is send_timeout
+                slow.sendall(chunk)  # within send_timeout
             except OSError as e:  # includes socket.timeout: a partial frame leaves the stream unusable
                 self._drop(generation, e)
                 return
