@@ -300,6 +300,35 @@ def test_sidecar_killed_while_loads_are_planned_every_request_is_recomputed(side
         assert stats["load_errors"] == len(loaded) and stats["failed_blocks"] == 16 * len(loaded)
 
 
+@pytest.mark.parametrize("api,async_load", [
+    pytest.param("v029", False, id="v029-sync"), pytest.param("newest", True, id="newest-async"),
+])
+def test_sidecar_killed_with_fail_policy_failed_loads_end_in_error_others_finish(sidecar, engine_factory, api,
+                                                                                 async_load):
+    # kv_load_failure_policy "fail" (vLLM's default): a request whose load failed finishes with FINISHED_ERROR,
+    # exactly once, through the path of its vLLM version (blocks in v029, failed_recving in the newest); the
+    # engine stays healthy and a request after it still runs.
+    e = engine_factory(api=api, async_load=async_load, kv_load_failure_policy="fail", max_load_attempts=3)
+    prompts = [prompt(300, 61 + i) for i in range(2)]
+    run_requests(e, [(f"cold{i}", p, {}) for i, p in enumerate(prompts)])
+    killed = []
+
+    def kill_once_loads_are_planned(so):
+        if e.scheduler.loads_planned and not killed:
+            sidecar.kill()
+            killed.extend(e.scheduler.loads_planned)
+
+    e.on_scheduled = kill_once_loads_are_planned
+    finished = run_requests(e, [(f"warm{i}", p, {}) for i, p in enumerate(prompts)])
+    assert killed, "no load was planned: the warm requests should have hit"
+    for req_id in killed:
+        rec = e.scheduler.records[req_id]
+        assert finished[req_id].status.name == "FINISHED_ERROR", finished[req_id].status
+        assert rec.load_attempts == 1 and rec.failed_loads >= 1, (rec.load_attempts, rec.failed_loads)
+    after = run_requests(e, [("after", prompt(300, 70), {})])
+    assert after["after"].status.name == "FINISHED_LENGTH_CAPPED"
+
+
 class Stall:
     """SIGSTOP the sidecar in the first step for which ``when(engine, so)`` holds, SIGCONT ``seconds`` later."""
 
