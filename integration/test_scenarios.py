@@ -259,6 +259,19 @@ def test_local_partial_tail_gives_way_to_a_longer_sidecar_hit(engine_factory, as
 
 # ------------------------------------------------------------------------------------------ sidecar faults
 
+def kill_when_loads_are_planned(engine, sidecar) -> list:
+    """Kills the sidecar in the first step that plans loads; the returned list fills with those requests' ids."""
+    killed = []
+
+    def on_scheduled(so):
+        if engine.scheduler.loads_planned and not killed:
+            sidecar.kill()
+            killed.extend(engine.scheduler.loads_planned)
+
+    engine.on_scheduled = on_scheduled
+    return killed
+
+
 @pytest.mark.parametrize("api,async_load,tp", [
     pytest.param("v029", False, 1, id="v029-sync"), pytest.param("v029", True, 1, id="v029-async"),
     pytest.param("newest", False, 1, id="newest-sync"), pytest.param("newest", True, 1, id="newest-async"),
@@ -272,14 +285,7 @@ def test_sidecar_killed_while_loads_are_planned_every_request_is_recomputed(side
     e = engine_factory(api=api, async_load=async_load, tp=tp, max_load_attempts=3)
     prompts = [prompt(300, 13 + i) for i in range(3)]
     run_requests(e, [(f"cold{i}", p, {}) for i, p in enumerate(prompts)])
-    killed = []
-
-    def kill_once_loads_are_planned(so):
-        if e.scheduler.loads_planned and not killed:
-            sidecar.kill()
-            killed.extend(e.scheduler.loads_planned)
-
-    e.on_scheduled = kill_once_loads_are_planned
+    killed = kill_when_loads_are_planned(e, sidecar)
     finished = run_requests(e, [(f"warm{i}", p, {}) for i, p in enumerate(prompts)])  # raises Livelock on the 4th hit
     assert killed, "no load was planned: the warm requests should have hit"
     for i in range(3):
@@ -311,14 +317,7 @@ def test_sidecar_killed_with_fail_policy_failed_loads_end_in_error_others_finish
     e = engine_factory(api=api, async_load=async_load, kv_load_failure_policy="fail", max_load_attempts=3)
     prompts = [prompt(300, 61 + i) for i in range(2)]
     run_requests(e, [(f"cold{i}", p, {}) for i, p in enumerate(prompts)])
-    killed = []
-
-    def kill_once_loads_are_planned(so):
-        if e.scheduler.loads_planned and not killed:
-            sidecar.kill()
-            killed.extend(e.scheduler.loads_planned)
-
-    e.on_scheduled = kill_once_loads_are_planned
+    killed = kill_when_loads_are_planned(e, sidecar)
     finished = run_requests(e, [(f"warm{i}", p, {}) for i, p in enumerate(prompts)])
     assert killed, "no load was planned: the warm requests should have hit"
     for req_id in killed:
