@@ -139,18 +139,19 @@ class SidecarClient:
                     fut.set_result(Reply(error_code=UNAVAILABLE, error="sidecar unavailable"))
 
     def _connect_once(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.connect_timeout)
             sock.connect(self.socket_path)
-            # Sends go through a duplicate with a short timeout. Both share the descriptor's non-blocking mode,
-            # so the reader waits with a long timeout of its own (and simply waits again when it expires).
+            # Sends go through duplicates that share the descriptor's non-blocking mode, so the reader waits with
+            # a long timeout of its own (and simply waits again when it expires).
             sock.settimeout(_READ_WAKEUP)
             send_sock = sock.dup()
             # Callers try a non-blocking send (Python would otherwise wait out the socket's timeout on EAGAIN);
             # the writer thread sends the rest through the duplicate with send_timeout.
             send_sock.settimeout(0.0)
         except OSError as e:
+            sock.close()
             if not self._warned:
                 logger.warning("kvsidecar: cannot reach the sidecar at %s (%s); running without the KV cache "
                                "(every lookup is a miss) and retrying every %.0f ms", self.socket_path, e,
