@@ -35,21 +35,25 @@ class CachedRequestData:
         return len(self.req_ids)
 
 
+@dataclass
+class _SchedulerOutputV029:
+    scheduled_new_reqs: List[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    num_scheduled_tokens: Dict[str, int]
+    total_num_scheduled_tokens: int
+    scheduled_spec_decode_tokens: Dict[str, List[int]] = field(default_factory=dict)
+    scheduled_encoder_inputs: Dict[str, List[int]] = field(default_factory=dict)
+    num_common_prefix_blocks: List[int] = field(default_factory=list)
+    finished_req_ids: Set[str] = field(default_factory=set)
+    free_encoder_mm_hashes: List[str] = field(default_factory=list)
+    preempted_req_ids: Optional[Set[str]] = None
+    kv_connector_metadata: object = None
+    has_sync_kv_loads: bool = False
+
+
 if _NEWEST:
     @dataclass
-    class SchedulerOutput:
-        scheduled_new_reqs: List[NewRequestData]
-        scheduled_cached_reqs: CachedRequestData
-        num_scheduled_tokens: Dict[str, int]
-        total_num_scheduled_tokens: int
-        scheduled_spec_decode_tokens: Dict[str, List[int]] = field(default_factory=dict)
-        scheduled_encoder_inputs: Dict[str, List[int]] = field(default_factory=dict)
-        num_common_prefix_blocks: List[int] = field(default_factory=list)
-        finished_req_ids: Set[str] = field(default_factory=set)
-        free_encoder_mm_hashes: List[str] = field(default_factory=list)
-        preempted_req_ids: Optional[Set[str]] = None
-        kv_connector_metadata: object = None
-        has_sync_kv_loads: bool = False
+    class SchedulerOutput(_SchedulerOutputV029):
         # Newly allocated blocks the worker zeroes before the forward (never those an async load fills), and
         # (src, dst) block copies the worker applies before the forward (a local partial-tail hit).
         new_block_ids_to_zero: Optional[List[int]] = None
@@ -57,16 +61,5 @@ if _NEWEST:
         kv_connector_block_state: object = None
 else:
     @dataclass
-    class SchedulerOutput:
-        scheduled_new_reqs: List[NewRequestData]
-        scheduled_cached_reqs: CachedRequestData
-        num_scheduled_tokens: Dict[str, int]
-        total_num_scheduled_tokens: int
-        scheduled_spec_decode_tokens: Dict[str, List[int]] = field(default_factory=dict)
-        scheduled_encoder_inputs: Dict[str, List[int]] = field(default_factory=dict)
-        num_common_prefix_blocks: List[int] = field(default_factory=list)
-        finished_req_ids: Set[str] = field(default_factory=set)
-        free_encoder_mm_hashes: List[str] = field(default_factory=list)
-        preempted_req_ids: Optional[Set[str]] = None
-        kv_connector_metadata: object = None
-        has_sync_kv_loads: bool = False
+    class SchedulerOutput(_SchedulerOutputV029):
+        pass
