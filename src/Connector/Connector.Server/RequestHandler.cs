@@ -165,7 +165,7 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
         return new LoadReply { LoadedChunks = loaded };
     }
 
-    /// <summary>Leaves the instance claim and ends the registration.</summary>
+    /// <summary>Leaves the instance claim (the cache ends the registration and leases when the session closes).</summary>
     public void Dispose()
     {
         if (IsReady && InstanceId.Length > 0)
