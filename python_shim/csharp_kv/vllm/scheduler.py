@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class _Req:
     """What the scheduler side remembers about one request."""
 
-    __slots__ = ("request", "lookup_fut", "lookup_key", "lookup_started", "answer", "lease_id", "n_local", "hit",
+    __slots__ = ("request", "lookup_fut", "lookup_key", "lookup_started", "answer", "lease_id", "n_local",
                  "load_op", "load_blocks", "load_failed", "block_ids", "stored_chunks", "num_computed",
                  "stores_planned")
 
@@ -31,7 +31,6 @@ class _Req:
         self.answer: Optional[Tuple[int, bool]] = None
         self.lease_id = 0
         self.n_local = 0
-        self.hit = 0
         self.load_op: Optional[LoadOp] = None
         self.load_blocks: Set[int] = set()
         self.load_failed = False
@@ -124,7 +123,8 @@ class SchedulerSide:
         full = (key[1] // self.chunk) * self.chunk
         if full == 0 or not self.client.ensure_connected():
             return False
-        self._release(st)
+        # No RELEASE frame: the sidecar ends the request's earlier lease when this leasing LOOKUP arrives.
+        st.lease_id = 0
         tokens = p.tokens_to_bytes(request.all_token_ids[:full])
         st.lookup_fut = self.client.submit(p.Opcode.LOOKUP, p.lookup(request.request_id, request.cache_salt, tokens,
                                                                      True))
@@ -168,7 +168,6 @@ class SchedulerSide:
                 self.client.submit(p.Opcode.RELEASE, p.release(lease_id, None))
             self.stats["lookup_misses"] += 1
         st.n_local = n_local
-        st.hit = hit
         st.lookup_key = key
         st.lookup_fut = None
         st.answer = (ext, bool(self.cfg.async_load and ext > 0))
@@ -248,11 +247,11 @@ class SchedulerSide:
         answered, self._answered = self._answered, []
         for st in answered:
             if st.lease_id and self.reqs.get(st.request.request_id) is st:
-                self._release(st)
                 self.stats["leases_released_unadmitted"] += 1
-                key = st.lookup_key
                 st.answer = None
-                if not self._submit_lookup(st, key):
+                # The new lookup ends the old lease on the sidecar; without a connection, release it explicitly.
+                if not self._submit_lookup(st, st.lookup_key):
+                    self._release(st)
                     st.lookup_fut = None
 
     def _plan_store(self, st: _Req, meta: CSharpSidecarMetadata) -> None:

@@ -113,7 +113,6 @@ public sealed class SidecarOptions
         MaxIdBytes = MaxIdBytes,
         MaxCachedSaltsPerRegistration = MaxCachedSaltsPerRegistration,
         MaxLeasesPerConnection = MaxLeasesPerConnection,
-        DefaultCopyTimeout = DefaultCopyTimeout,
     };
 
     /// <summary>Resolves the socket path default.</summary>

@@ -32,7 +32,4 @@ public sealed record CacheLimits
 
     /// <summary>Most leases one connection holds at once. Defaults to 16384.</summary>
     public int MaxLeasesPerConnection { get; init; } = 16384;
-
-    /// <summary>Longest a copy runs when the engine sent no deadline. Defaults to 30 s.</summary>
-    public TimeSpan DefaultCopyTimeout { get; init; } = TimeSpan.FromSeconds(30);
 }

@@ -25,12 +25,6 @@ public sealed class CopyThreads : IDisposable
         }
     }
 
-    /// <summary>Number of threads.</summary>
-    public int Count => _threads.Length;
-
-    /// <summary>Work items queued and not yet started.</summary>
-    public int Queued => _queue.Count;
-
     /// <summary>Queues a work item.</summary>
     /// <returns>False when the pool is stopping.</returns>
     public bool Post(Action work)

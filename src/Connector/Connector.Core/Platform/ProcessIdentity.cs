@@ -39,9 +39,6 @@ public sealed partial class ProcessIdentity : IDisposable
     /// <summary>The effective gid the process connected with.</summary>
     public uint Gid { get; }
 
-    /// <summary>Whether the identity is pinned with a pidfd (exit is then detected without a pid-reuse race).</summary>
-    public bool IsPinned => _pidfd is { IsInvalid: false, IsClosed: false };
-
     /// <summary>The identity of the sidecar's own process (for in-process tests and tools).</summary>
     public static ProcessIdentity Current() => new(Environment.ProcessId, geteuid(), getegid(), Open(Environment.ProcessId));
 
