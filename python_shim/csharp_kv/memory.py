@@ -105,22 +105,84 @@ def grant_ptrace(sidecar_pid: Optional[int]) -> bool:
     return True
 
 
-def export_cuda(t) -> list:
-    """A CUDA tensor's memory: the IPC handle of its allocation base (cuMemGetAddressRange), the offset
-    into it, and the device UUID. VMM / expandable-segment allocations cannot be exported this way."""
-    import torch  # noqa: PLC0415 - only on GPU engines
+# ------------------------------------------------------------------------------------------- CUDA
 
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").find("expandable_segments:True") >= 0:
-        raise UnsupportedLayout("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True allocates with the VMM API, whose "
-                                "memory cannot be shared through cudaIpcGetMemHandle; unset it to use the sidecar")
-    cuda = ctypes.CDLL("libcuda.so.1")
-    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
+CU_EVENT_DISABLE_TIMING = 2
+CU_EVENT_INTERPROCESS = 4
+VMM_REFUSAL = ("the KV cache was allocated with the CUDA VMM API (cuMemCreate), which legacy CUDA IPC cannot share. "
+               "vLLM does this with --enable-sleep-mode (its CuMemAllocator) and PyTorch with "
+               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; turn that option off to use the sidecar")
+
+_cuda = None
+
+
+def cuda_driver():
+    """The CUDA driver through ctypes: ``libcuda.so.1``, or the library ``KVSIDECAR_CUDA_LIBRARY`` names (the tests'
+    driver double). Only what exporting needs is declared."""
+    global _cuda
+    if _cuda is None:
+        lib = ctypes.CDLL(os.environ.get("KVSIDECAR_CUDA_LIBRARY") or "libcuda.so.1")
+        u64, p64 = ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)
+        lib.cuMemGetAddressRange_v2.argtypes = [p64, ctypes.POINTER(ctypes.c_size_t), u64]
+        lib.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, u64]
+        lib.cuIpcGetMemHandle.argtypes = [ctypes.c_void_p, u64]
+        lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuIpcGetEventHandle.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        _cuda = lib
+    return _cuda
+
+
+def export_cuda(t, device_uuid: Optional[str] = None) -> list:
+    """A CUDA tensor's memory: the IPC handle of its allocation's base (cuMemGetAddressRange), the offset into it and
+    the device UUID (the sidecar finds the GPU by UUID, never by ordinal). VMM allocations are refused with the
+    option that causes them."""
     ptr, nbytes = storage_extent(t)
-    if cuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0:
-        raise UnsupportedLayout("cuMemGetAddressRange failed for a KV tensor")
+    if device_uuid is None:
+        import torch  # noqa: PLC0415 - only on GPU engines
+        device_uuid = str(torch.cuda.get_device_properties(t.device).uuid)
+    return export_cuda_pointer(ptr, nbytes, device_uuid)
+
+
+def export_cuda_pointer(ptr: int, nbytes: int, device_uuid: str) -> list:
+    cuda = cuda_driver()
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    if cuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr) != 0:
+        raise UnsupportedLayout(f"cuMemGetAddressRange failed for a KV tensor at 0x{ptr:x}: not CUDA device memory")
+    capable = ctypes.c_int(1)
+    if cuda.cuPointerGetAttribute(ctypes.byref(capable), CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+                                  base.value) == 0 and capable.value == 0:
+        raise UnsupportedLayout(VMM_REFUSAL)
     handle = (ctypes.c_byte * 64)()
-    if cuda.cuIpcGetMemHandle(ctypes.byref(handle), ctypes.c_uint64(base.value)) != 0:
-        raise UnsupportedLayout("cuIpcGetMemHandle failed: the KV cache was not allocated with cudaMalloc "
-                                "(VMM or expandable segments?)")
-    uuid = str(torch.cuda.get_device_properties(t.device).uuid)
-    return p.memory_ref_cuda(bytes(handle), uuid, ptr - base.value, nbytes, os.getpid())
+    if cuda.cuIpcGetMemHandle(ctypes.byref(handle), base.value) != 0:
+        raise UnsupportedLayout("cuIpcGetMemHandle failed for the KV cache: " + VMM_REFUSAL)
+    # pid 0: "the connecting process"; the sidecar binds the memory to our connection's kernel-reported identity.
+    return p.memory_ref_cuda(bytes(handle), device_uuid, ptr - base.value, nbytes, 0)
+
+
+class StoreEvent:
+    """An interprocess CUDA event the worker records after each forward pass, before it sends that step's stores:
+    the sidecar's store stream waits on it, so a store never reads KV the forward is still writing, and the engine
+    never waits for the copy."""
+
+    def __init__(self):
+        cuda = cuda_driver()
+        self._event = ctypes.c_void_p()
+        rc = cuda.cuEventCreate(ctypes.byref(self._event), CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS)
+        if rc != 0:
+            raise UnsupportedLayout(f"cuEventCreate(INTERPROCESS) failed ({rc})")
+        handle = (ctypes.c_byte * 64)()
+        rc = cuda.cuIpcGetEventHandle(ctypes.byref(handle), self._event)
+        if rc != 0:
+            raise UnsupportedLayout(f"cuIpcGetEventHandle failed ({rc})")
+        self.handle = bytes(handle)
+
+    def record(self, stream: Optional[int] = None) -> None:
+        """Records on ``stream`` (a CUstream handle), by default torch's current stream."""
+        if stream is None:
+            import torch  # noqa: PLC0415 - only on GPU engines
+            stream = torch.cuda.current_stream().cuda_stream
+        rc = cuda_driver().cuEventRecord(self._event, stream)
+        if rc != 0:
+            raise RuntimeError(f"cuEventRecord failed ({rc})")

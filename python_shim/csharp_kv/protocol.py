@@ -134,8 +134,9 @@ def layout(element_size: int, num_blocks: int, block_tokens: int, num_heads: int
             stride_head, k_offset, v_offset]
 
 
-def register(ns: list, layers: Sequence[list]) -> list:
-    return [ns, list(layers)]
+def register(ns: list, layers: Sequence[list], store_event: Optional[bytes] = None) -> list:
+    """``store_event``: CUDA engines' 64-byte IPC event handle, recorded after each forward pass (docs/protocol.md)."""
+    return [ns, list(layers), store_event]
 
 
 def lookup(request_id: str, cache_salt: Optional[str], tokens: bytes, lease: bool) -> list:

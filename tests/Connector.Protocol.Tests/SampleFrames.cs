@@ -30,6 +30,20 @@ internal static class SampleFrames
                 },
             ],
         });
+        yield return ("register_cuda", Opcode.Register, FrameFlags.None, 15, new RegisterRequest
+        {
+            Namespace = new NamespaceDescriptor { ModelId = "m", KvDtype = "bfloat16", BlockTokens = 16, ChunkTokens = 256, TpSize = 1, TpRank = 0, KvGroup = 0, FormatVersion = 1 },
+            Layers =
+            [
+                new LayerDescriptor
+                {
+                    Name = "l0",
+                    Memory = new MemoryRefDescriptor { Kind = 2, Pid = 0, Address = 0, Length = 1UL << 33, IpcHandle = Enumerable.Range(0, 64).Select(i => (byte)i).ToArray(), DeviceUuid = "GPU-facecda0-0000-0000-0000-000000000000", Offset = 1 << 21 },
+                    Layout = new LayoutDescriptor { ElementSize = 2, NumBlocks = 4096, BlockTokens = 16, NumHeads = 8, RowBytes = 256, StrideBlock = 65536, StrideToken = 2048, StrideHead = 256, KOffset = 0, VOffset = 1L << 32 },
+                },
+            ],
+            StoreEvent = Enumerable.Range(64, 64).Select(i => (byte)i).ToArray(),
+        });
         yield return ("register_reply", Opcode.Register, FrameFlags.Reply, 4, new RegisterReply { RegistrationId = 3, LayoutFingerprint = "0123456789abcdef0123456789abcdef", ChunkBytes = 33554432, BlocksPerChunk = 16 });
         yield return ("lookup", Opcode.Lookup, FrameFlags.None, 5, new LookupRequest { RequestId = "cmpl-1", CacheSalt = "tenant-a", Tokens = WireArrays.FromTokens([1, 2, 3, 128000, uint.MaxValue]), Lease = true });
         yield return ("lookup_reply", Opcode.Lookup, FrameFlags.Reply, 5, new LookupReply { HitTokens = 512, HitChunks = 2, LeaseId = 17, State = LookupState.Ready });

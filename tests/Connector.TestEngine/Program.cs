@@ -156,7 +156,7 @@ internal static unsafe partial class Program
         regions.SetValue(Activator.CreateInstance(memoryRef, Enum.Parse(kind, "HostProcess"), pid, address, length, null, null, 0UL), 0);
         try
         {
-            using var memory = (IDisposable)provider.GetType().GetMethod("Open")!.Invoke(provider, [regions, null])!;
+            using var memory = (IDisposable)provider.GetType().GetMethod("Open")!.Invoke(provider, [regions, null, null])!;
             return "opened";
         }
         catch (TargetInvocationException ex) when (ex.InnerException?.GetType().Name == "EngineMemoryException")

@@ -4,6 +4,7 @@ the step's loads and stores as one request each, and reports finished and failed
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -28,6 +29,7 @@ class WorkerSide:
         self.disabled_reason = disabled_reason
         self.registered = False
         self._register_fields: Optional[list] = None
+        self._store_event: Optional[memory.StoreEvent] = None
         self._async: Dict[str, Tuple[object, LoadOp, float]] = {}
         self._errors: Set[int] = set()
         self._failed_async: Dict[str, Set[int]] = {}
@@ -51,12 +53,21 @@ class WorkerSide:
             return
         layers = []
         dtype = None
+        # Test hook: the CUDA driver double's device memory is host memory, so its KV tensors are CPU tensors.
+        fake_cuda_uuid = os.environ.get("KVSIDECAR_FAKE_CUDA_DEVICE")
         try:
+            cuda = False
             for name, t in kv_caches.items():
                 layout = memory.describe_layout(t, self.spec)
-                ref = memory.export_host(t) if t.device.type == "cpu" else memory.export_cuda(t)
+                if t.device.type == "cuda" or fake_cuda_uuid:
+                    ref = memory.export_cuda(t, fake_cuda_uuid)
+                    cuda = True
+                else:
+                    ref = memory.export_host(t)
                 layers.append([name, ref, layout])
                 dtype = dtype or memory.kv_dtype_name(t)
+            if cuda and self._store_event is None:
+                self._store_event = memory.StoreEvent()
         except memory.UnsupportedLayout as e:
             self.disabled_reason = str(e)
             logger.warning("kvsidecar: the KV cache is off for this engine: %s", e)
@@ -64,7 +75,7 @@ class WorkerSide:
         tp_rank = -1 if self.spec.use_mla else self.rank
         ns = p.namespace(self.model_id, self.cfg.kv_dtype or dtype or "auto", self.spec.block_size,
                          self.cfg.chunk_tokens, self.tp_size, tp_rank)
-        self._register_fields = p.register(ns, layers)
+        self._register_fields = p.register(ns, layers, self._store_event.handle if self._store_event else None)
         # Start-up may wait for the first connection (on_connect registers); if the sidecar is absent the
         # background connect keeps trying and registers when it appears.
         self.client.ensure_connected(wait=self.cfg.connect_timeout_ms / 1000)
@@ -180,11 +191,21 @@ class WorkerSide:
         self._reap_stores()
         if meta is None or not meta.stores:
             return
+        if self._store_event is not None:
+            # After this step's forward on the compute stream: the sidecar's store copies wait for it on the GPU.
+            self._store_event.record(self._event_stream())
         started_ns = time.monotonic_ns()
         deadline_ns = started_ns + int(self.cfg.transfer_timeout_ms * 1_000_000)
         for op in meta.stores:
             self._submit_store(op, deadline_ns)
         self.stats["store_submit_seconds"] += (time.monotonic_ns() - started_ns) / 1e9
+
+    @staticmethod
+    def _event_stream() -> Optional[int]:
+        """torch's current CUDA stream; 0 (the default stream) where the KV is not on a torch GPU (the driver double)."""
+        if os.environ.get("KVSIDECAR_FAKE_CUDA_DEVICE"):
+            return 0
+        return None
 
     def _submit_store(self, op: StoreOp, deadline_ns: int) -> None:
         pending = self._stores.setdefault(op.req_id, _PendingStores())

@@ -36,7 +36,6 @@ internal sealed record CopyJob(Opcode Opcode, EngineRegistration Registration, s
 internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCacheService cache, InstanceClaims claims, ServerCounters counters, SidecarOptions options, ILogger logger) : IDisposable
 {
     private static readonly string ServerVersion = typeof(RequestHandler).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "0";
-    private static readonly string[] ServerCapabilities = ["host-memory"];
     private EngineRegistration? _registration;
 
     public bool IsReady { get; private set; }
@@ -150,20 +149,33 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
         return new CopyJob(opcode, registration, requestId ?? string.Empty, salt, tokens, first, count, blockIds ?? [], new CopyDeadline(Math.Min(deadline, cap), cancellation), chain);
     }
 
-    /// <summary>Runs a copy; safe to call from any thread.</summary>
-    public object RunCopy(CopyJob job)
+    /// <summary>Runs a copy; safe to call from any thread. Host copies are done when it returns; GPU copies complete later.</summary>
+    public ValueTask<object> RunCopyAsync(CopyJob job)
     {
         ChunkSource source = ChunkSource.FromTokens(WireArrays.AsTokens(job.Tokens));
         ReadOnlySpan<int> blocks = WireArrays.AsBlockIds(job.BlockIds);
         if (job.Opcode == Opcode.Store)
         {
-            StoreResult r = cache.Store(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline, job.Chain);
-            return new StoreReply { Stored = r.Stored, AlreadyPresent = r.AlreadyPresent, Failed = r.Failed, Chain = r.Chain };
+            ValueTask<StoreResult> store = cache.StoreAsync(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline, job.Chain);
+            return store.IsCompletedSuccessfully ? new ValueTask<object>(ToReply(store.Result)) : AwaitStoreAsync(store);
         }
 
-        int loaded = cache.Load(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline);
-        return new LoadReply { LoadedChunks = loaded };
+        ValueTask<int> load = cache.LoadAsync(job.Registration, job.RequestId, job.CacheSalt, source, job.FirstChunk, job.NumChunks, blocks, job.Deadline);
+        return load.IsCompletedSuccessfully ? new ValueTask<object>(new LoadReply { LoadedChunks = load.Result }) : AwaitLoadAsync(load);
     }
+
+    /// <summary>Runs a copy and waits for it (tests and tools).</summary>
+    public object RunCopy(CopyJob job)
+    {
+        ValueTask<object> pending = RunCopyAsync(job);
+        return pending.IsCompleted ? pending.Result : pending.AsTask().GetAwaiter().GetResult();
+    }
+
+    private static StoreReply ToReply(StoreResult r) => new() { Stored = r.Stored, AlreadyPresent = r.AlreadyPresent, Failed = r.Failed, Chain = r.Chain };
+
+    private static async ValueTask<object> AwaitStoreAsync(ValueTask<StoreResult> store) => ToReply(await store.ConfigureAwait(false));
+
+    private static async ValueTask<object> AwaitLoadAsync(ValueTask<int> load) => new LoadReply { LoadedChunks = await load.ConfigureAwait(false) };
 
     /// <summary>Leaves the instance claim (the cache ends the registration and leases when the session closes).</summary>
     public void Dispose()
@@ -221,7 +233,7 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
         {
             ProtocolVersion = FrameHeader.CurrentVersion,
             ServerVersion = ServerVersion,
-            Capabilities = ServerCapabilities,
+            Capabilities = [.. cache.MemoryKinds.Order().Select(k => k == EngineMemoryKind.CudaIpc ? "cuda-ipc" : "host-memory")],
             MaxFrameBytes = options.MaxFrameBytes,
             SessionId = (ulong)sessionId,
             ServerPid = Environment.ProcessId,
@@ -254,7 +266,13 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
         }
 
         var nsSpec = new NamespaceSpec(ns.ModelId ?? string.Empty, ns.KvDtype ?? string.Empty, ns.BlockTokens, ns.ChunkTokens, ns.TpSize, ns.TpRank, ns.KvGroup, ns.FormatVersion);
-        EngineRegistration registration = cache.Register(sessionId, InstanceId, nsSpec, specs, peer);
+        if (request.StoreEvent is not null && request.StoreEvent.Length != 64)
+        {
+            throw new ProtocolException(ErrorCode.BadRequest, $"store_event must be a 64-byte CUDA IPC event handle, not {request.StoreEvent.Length} bytes.");
+        }
+
+        EngineSignals? signals = request.StoreEvent is null ? null : new EngineSignals(request.StoreEvent);
+        EngineRegistration registration = cache.Register(sessionId, InstanceId, nsSpec, specs, peer, signals);
         if (_registration is not null)
         {
             cache.Unregister(_registration);

@@ -353,26 +353,71 @@ internal sealed class SidecarConnection : IDisposable
 
     private void RunCopy(FrameHeader header, CopyJob job, long bytes)
     {
+        ValueTask<object> pending;
         try
         {
-            object reply = _handler.RunCopy(job);
+            pending = _handler.RunCopyAsync(job);
+        }
+        catch (Exception ex)
+        {
+            CopyFailed(header, ex);
+            EndCopy(bytes);
+            return;
+        }
+
+        if (pending.IsCompleted)
+        {
+            FinishCopy(header, pending, bytes);
+            return;
+        }
+
+        // A GPU copy completes on its stream: the copy thread goes back to work, and the reply follows the completion.
+        _ = AwaitCopyAsync(header, pending, bytes);
+    }
+
+    private async Task AwaitCopyAsync(FrameHeader header, ValueTask<object> pending, long bytes)
+    {
+        try
+        {
+            await pending.ConfigureAwait(false);
+        }
+        catch (Exception)
+        {
+            // Observed in FinishCopy.
+        }
+
+        FinishCopy(header, pending, bytes);
+    }
+
+    private void FinishCopy(FrameHeader header, ValueTask<object> done, long bytes)
+    {
+        try
+        {
+            object reply = done.Result;
             var frame = new ArrayBufferWriter<byte>(64);
             new FrameWriter().WriteReply(frame, header.Opcode, header.RequestId, reply);
             Enqueue(frame.WrittenSpan.ToArray());
         }
-        catch (Exception ex) when (RequestHandler.TryMapError(ex, out ErrorCode code, out string message))
-        {
-            WriteError(header.Opcode, header.RequestId, code, message, fromCopyThread: true);
-        }
         catch (Exception ex)
         {
-            SidecarLog.HandlerFailed(_logger, ex, SessionId, header.RequestId, header.Opcode.ToString());
-            WriteError(header.Opcode, header.RequestId, ErrorCode.Internal, ex.Message, fromCopyThread: true);
+            CopyFailed(header, ex);
         }
         finally
         {
             EndCopy(bytes);
         }
+    }
+
+    private void CopyFailed(FrameHeader header, Exception ex)
+    {
+        if (RequestHandler.TryMapError(ex, out ErrorCode code, out string message))
+        {
+            WriteError(header.Opcode, header.RequestId, code, message, fromCopyThread: true);
+            return;
+        }
+
+        SidecarLog.HandlerFailed(_logger, ex, SessionId, header.RequestId, header.Opcode.ToString());
+        WriteError(header.Opcode, header.RequestId, ErrorCode.Internal, ex.Message, fromCopyThread: true);
     }
 
     private void EndCopy(long bytes)

@@ -46,4 +46,10 @@ internal static partial class SidecarLog
 
     [LoggerMessage(EventId = 13, EventName = "ConnectionFailed", Level = LogLevel.Error, Message = "Connection {SessionId} ({Peer}) failed and was closed; the sidecar serves on")]
     public static partial void ConnectionFailed(ILogger logger, Exception exception, long sessionId, string peer);
+
+    [LoggerMessage(EventId = 20, EventName = "GpuDataPlane", Level = LogLevel.Information, Message = "GPU data plane: {Description}")]
+    public static partial void GpuDataPlane(ILogger logger, string description);
+
+    [LoggerMessage(EventId = 21, EventName = "GpuWarning", Level = LogLevel.Warning, Message = "GPU data plane: {Detail}")]
+    public static partial void GpuWarning(ILogger logger, string detail);
 }

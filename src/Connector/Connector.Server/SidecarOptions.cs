@@ -23,6 +23,22 @@ public sealed class SidecarOptions
     [Range(1L << 20, 1L << 40)]
     public long ExtentBytes { get; set; } = 256L << 20;
 
+    /// <summary>
+    /// The GPU data plane: "auto" (default) uses CUDA where a driver and a device are and serves host memory only
+    /// elsewhere; "off" never loads the driver; "required" refuses to start without it.
+    /// </summary>
+    [RegularExpression("^(auto|off|required)$", ErrorMessage = "Sidecar:Gpu must be auto, off or required.")]
+    public string Gpu { get; set; } = "auto";
+
+    /// <summary>A CUDA driver library other than the system's libcuda.so.1 (tests use the driver double of tests/cuda_double). Null: the system's.</summary>
+    public string? CudaDriverLibrary { get; set; }
+
+    /// <summary>Whether GPU copies use cuMemcpyBatchAsync where the driver has it. Defaults to true; false copies one call per piece.</summary>
+    public bool CudaBatchCopies { get; set; } = true;
+
+    /// <summary>Whether L1 extents are page-locked for DMA where a GPU is present. Defaults to true.</summary>
+    public bool PinHostMemory { get; set; } = true;
+
     /// <summary>How long a lookup's lease protects its chunks from eviction. Defaults to 60 s.</summary>
     public TimeSpan LeaseTtl { get; set; } = TimeSpan.FromSeconds(60);
 

@@ -1,4 +1,5 @@
 using Connector.Core.Caching;
+using Connector.Cuda;
 using Connector.Core.Memory;
 using Connector.Core.Storage;
 using Connector.Server;
@@ -112,20 +113,63 @@ internal static class Program
         builder.Services.AddSingleton<IValidateOptions<SidecarOptions>, SidecarOptionsValidator>();
         builder.Services.AddSingleton(TimeProvider.System);
         builder.Services.AddSingleton<ServerCounters>();
+        builder.Services.AddSingleton(sp => new GpuDataPlaneHolder(CreateDataPlane(
+            sp.GetRequiredService<IOptions<SidecarOptions>>().Value,
+            sp.GetRequiredService<ILoggerFactory>().CreateLogger("Connector.Sidecar.Gpu"))));
         builder.Services.AddSingleton(sp =>
         {
             SidecarOptions o = sp.GetRequiredService<IOptions<SidecarOptions>>().Value;
-            var tierOptions = new HostTierOptions { CapacityBytes = o.CapacityBytes, ExtentBytes = o.ExtentBytes, LeaseTtl = o.LeaseTtl };
+            var tierOptions = new HostTierOptions { CapacityBytes = o.CapacityBytes, ExtentBytes = o.ExtentBytes, LeaseTtl = o.LeaseTtl, Pinner = sp.GetRequiredService<GpuDataPlaneHolder>().Plane?.Pinner };
             return new HostMemoryTier(tierOptions, sp.GetRequiredService<TimeProvider>());
         });
         builder.Services.AddSingleton<IEngineMemoryProvider, HostProcessMemoryProvider>();
+        builder.Services.AddSingleton(sp => sp.GetRequiredService<GpuDataPlaneHolder>().Plane?.Provider ?? NoGpu.Instance);
         builder.Services.AddSingleton(sp => new CopyThreads(sp.GetRequiredService<IOptions<SidecarOptions>>().Value.CopyThreads, "kvsidecar-copy"));
         builder.Services.AddSingleton(sp => new KvCacheService(
             sp.GetRequiredService<HostMemoryTier>(),
-            sp.GetServices<IEngineMemoryProvider>(),
+            sp.GetServices<IEngineMemoryProvider>().Where(p => p != NoGpu.Instance),
             sp.GetRequiredService<IOptions<SidecarOptions>>().Value.ToCacheLimits(),
             sp.GetRequiredService<CopyThreads>()));
         builder.Services.AddHostedService<UnixSocketServer>();
         return builder.Build();
+    }
+
+    /// <summary>Probes CUDA as Sidecar:Gpu says: auto uses it where it is, off never loads it, required fails without it.</summary>
+    private static CudaDataPlane? CreateDataPlane(SidecarOptions options, ILogger logger)
+    {
+        if (options.Gpu == "off")
+        {
+            SidecarLog.GpuDataPlane(logger, "off (Sidecar:Gpu=off); host memory only");
+            return null;
+        }
+
+        var planeOptions = new CudaDataPlaneOptions { DriverLibrary = options.CudaDriverLibrary, BatchCopies = options.CudaBatchCopies, PinHostMemory = options.PinHostMemory };
+        CudaDataPlane? plane = CudaDataPlane.TryCreate(planeOptions, detail => SidecarLog.GpuWarning(logger, detail), out string description);
+        if (plane is null && options.Gpu == "required")
+        {
+            throw new InvalidOperationException($"Sidecar:Gpu=required, but {description}");
+        }
+
+        SidecarLog.GpuDataPlane(logger, plane is null ? $"{description}; host memory only" : description);
+        return plane;
+    }
+
+    /// <summary>Owns the GPU data plane (or its absence) for the host's lifetime.</summary>
+    private sealed class GpuDataPlaneHolder(CudaDataPlane? plane) : IDisposable
+    {
+        public CudaDataPlane? Plane { get; } = plane;
+
+        public void Dispose() => Plane?.Dispose();
+    }
+
+    /// <summary>Stands for "no CUDA provider" in the container, which cannot hold null services.</summary>
+    private sealed class NoGpu : IEngineMemoryProvider
+    {
+        public static readonly NoGpu Instance = new();
+
+        public EngineMemoryKind Kind => EngineMemoryKind.CudaIpc;
+
+        public IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions, Core.Platform.ProcessIdentity? owner = null, EngineSignals? signals = null) =>
+            throw new EngineMemoryException(EngineMemoryError.Unsupported, "this sidecar has no GPU data plane");
     }
 }

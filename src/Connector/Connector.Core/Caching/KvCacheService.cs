@@ -16,7 +16,7 @@ namespace Connector.Core.Caching;
 /// and stop at their <see cref="CopyDeadline"/>. Every size a client declares is checked against
 /// <see cref="CacheLimits"/> in 64-bit arithmetic before anything is reserved or evicted.
 /// </remarks>
-public sealed class KvCacheService : IDisposable
+public sealed partial class KvCacheService : IDisposable
 {
     /// <summary>Upper bound on chunks one request may name: 4096 chunks of 256 tokens is a 1M-token prompt.</summary>
     public const int MaxChunksPerRequest = 4096;
@@ -52,6 +52,9 @@ public sealed class KvCacheService : IDisposable
         _leases = new LeaseBook(tier, _limits.MaxLeasesPerConnection);
     }
 
+    /// <summary>The kinds of engine memory this service can open.</summary>
+    public IReadOnlyCollection<EngineMemoryKind> MemoryKinds => _providers.Keys;
+
     /// <summary>The bounds this service enforces.</summary>
     public CacheLimits Limits => _limits;
 
@@ -64,8 +67,9 @@ public sealed class KvCacheService : IDisposable
     /// <param name="ns">The declared namespace fields.</param>
     /// <param name="layers">The memory regions and their layouts.</param>
     /// <param name="owner">The connecting process: host memory must be its own (a pid of 0 means it). Null only in tests and tools that register memory on behalf of a process.</param>
+    /// <param name="signals">How a GPU engine orders its compute with the sidecar's copies; null for none.</param>
     /// <exception cref="CacheException">The namespace, a layout, a limit or the memory is refused.</exception>
-    public EngineRegistration Register(long sessionId, string instanceId, NamespaceSpec ns, IReadOnlyList<LayerSpec> layers, ProcessIdentity? owner = null)
+    public EngineRegistration Register(long sessionId, string instanceId, NamespaceSpec ns, IReadOnlyList<LayerSpec> layers, ProcessIdentity? owner = null, EngineSignals? signals = null)
     {
         ArgumentNullException.ThrowIfNull(ns);
         ArgumentNullException.ThrowIfNull(layers);
@@ -154,7 +158,7 @@ public sealed class KvCacheService : IDisposable
         IEngineMemory memory;
         try
         {
-            memory = provider.Open(layers.Select(l => l.Memory).ToList(), owner);
+            memory = provider.Open(layers.Select(l => l.Memory).ToList(), owner, signals);
         }
         catch (EngineMemoryException ex)
         {
@@ -233,169 +237,6 @@ public sealed class KvCacheService : IDisposable
         finally
         {
             ArrayPool<ChunkKey>.Shared.Return(keys);
-        }
-    }
-
-    /// <summary>Copies chunks out of the engine's blocks into the host tier; chunks already present are skipped.</summary>
-    /// <param name="registration">The calling worker's registration.</param>
-    /// <param name="requestId">The engine's request id (bounded like every id).</param>
-    /// <param name="cacheSalt">The tenant salt.</param>
-    /// <param name="source">Token ids naming the chunks.</param>
-    /// <param name="firstChunk">Index of the first chunk to store.</param>
-    /// <param name="numChunks">How many chunks to store.</param>
-    /// <param name="blockIds">numChunks times blocks-per-chunk engine block ids, chunk by chunk.</param>
-    /// <param name="deadline">When the engine stops waiting and may overwrite the blocks: copies stop there, and
-    /// nothing copied is committed after it.</param>
-    /// <param name="chain">A sealed chain state from an earlier store of the request (<see cref="StoreResult.Chain"/>);
-    /// with it, <paramref name="source"/> holds tokens from the chunk after the one it names. Empty: from the first token.</param>
-    public StoreResult Store(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline, ReadOnlySpan<byte> chain = default)
-    {
-        ArgumentNullException.ThrowIfNull(registration);
-        CheckRequest(requestId, cacheSalt, source.Tokens.Length);
-        Acquire(registration);
-        try
-        {
-            return StoreCore(registration, cacheSalt, source, firstChunk, numChunks, blockIds, deadline, chain);
-        }
-        finally
-        {
-            registration.ReleaseRef();
-        }
-    }
-
-    private StoreResult StoreCore(EngineRegistration registration, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline, ReadOnlySpan<byte> chain)
-    {
-        using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: false, chain);
-        transfer.ValidateBlockIds();
-        long chunkBytes = registration.Geometry.ChunkBytes;
-        int[] indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
-        nint[] addresses = ArrayPool<nint>.Shared.Rent(Math.Max(numChunks, 1));
-        SlabRef[] slabs = ArrayPool<SlabRef>.Shared.Rent(Math.Max(numChunks, 1));
-        int reserved = 0, present = 0, failed = 0, committed = 0;
-        try
-        {
-            // Reserve in prefix order; later chunks are useless without an earlier one (the prefix invariant).
-            for (int i = 0; i < numChunks; i++)
-            {
-                StoreBegin begin = _tier.TryBeginStore(transfer.Key(i), transfer.Parent(i), chunkBytes, transfer.NamespaceTag, out SlabRef slab);
-                if (begin is StoreBegin.AlreadyPresent or StoreBegin.InProgress)
-                {
-                    present++;
-                    continue;
-                }
-
-                if (begin == StoreBegin.NoSpace)
-                {
-                    failed = numChunks - i;
-                    break;
-                }
-
-                indices[reserved] = i;
-                addresses[reserved] = slab.Address;
-                slabs[reserved++] = slab;
-            }
-
-            int copied = ParallelCopier.Run(transfer, indices, addresses, reserved, registration.Memory, toEngine: false, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk, deadline, _helpers);
-            if (copied < reserved || deadline.IsOver)
-            {
-                // Too late: the engine may have reused the blocks while we copied. The finally aborts the slabs.
-                Interlocked.Increment(ref _lateStores);
-                return new StoreResult(0, present, failed + reserved, transfer.SealLast());
-            }
-
-            for (; committed < reserved; committed++)
-            {
-                _tier.CommitStore(slabs[committed]);
-            }
-
-            Interlocked.Add(ref _storedChunks, reserved);
-            Interlocked.Add(ref _storedBytes, reserved * chunkBytes);
-            return new StoreResult(reserved, present, failed, transfer.SealLast());
-        }
-        catch (EngineMemoryException ex)
-        {
-            Interlocked.Increment(ref _copyErrors);
-            throw Translate(ex);
-        }
-        finally
-        {
-            // Nothing half-copied ever becomes visible.
-            for (int k = committed; k < reserved; k++)
-            {
-                _tier.AbortStore(slabs[k]);
-            }
-
-            ArrayPool<int>.Shared.Return(indices);
-            ArrayPool<nint>.Shared.Return(addresses);
-            ArrayPool<SlabRef>.Shared.Return(slabs);
-        }
-    }
-
-    /// <summary>Copies chunks from the host tier into the engine's blocks, stopping at the first chunk not present.</summary>
-    /// <param name="registration">The calling worker's registration.</param>
-    /// <param name="requestId">The engine's request id: this rank's share of its lease is released afterwards.</param>
-    /// <param name="cacheSalt">The tenant salt.</param>
-    /// <param name="source">Token ids naming the chunks.</param>
-    /// <param name="firstChunk">Index of the first chunk to load.</param>
-    /// <param name="numChunks">How many chunks to load.</param>
-    /// <param name="blockIds">numChunks times blocks-per-chunk engine block ids; -1 skips a block.</param>
-    /// <param name="deadline">When the engine stops waiting and reuses the blocks: no chunk copy starts unless it can end before it.</param>
-    /// <returns>The number of leading chunks loaded completely.</returns>
-    public int Load(EngineRegistration registration, string requestId, string? cacheSalt, ChunkSource source, int firstChunk, int numChunks, ReadOnlySpan<int> blockIds, in CopyDeadline deadline)
-    {
-        ArgumentNullException.ThrowIfNull(registration);
-        CheckRequest(requestId, cacheSalt, source.Tokens.Length);
-        Acquire(registration);
-        int pinned = 0;
-        int[]? indices = null;
-        nint[]? addresses = null;
-        SlabRef[]? slabs = null;
-        try
-        {
-            using var transfer = ChunkTransfer.Begin(registration, cacheSalt, source, firstChunk, numChunks, blockIds, allowSkippedBlocks: true);
-            transfer.ValidateBlockIds();
-            long chunkBytes = registration.Geometry.ChunkBytes;
-            indices = ArrayPool<int>.Shared.Rent(Math.Max(numChunks, 1));
-            addresses = ArrayPool<nint>.Shared.Rent(Math.Max(numChunks, 1));
-            slabs = ArrayPool<SlabRef>.Shared.Rent(Math.Max(numChunks, 1));
-            for (; pinned < numChunks && _tier.TryPinForRead(transfer.Key(pinned), chunkBytes, transfer.NamespaceTag, out SlabRef slab); pinned++)
-            {
-                indices[pinned] = pinned;
-                addresses[pinned] = slab.Address;
-                slabs[pinned] = slab;
-            }
-
-            int loaded = ParallelCopier.Run(transfer, indices, addresses, pinned, registration.Memory, toEngine: true, chunkBytes, registration.Geometry.MaxCopyOpsPerChunk, deadline, _helpers);
-            if (loaded < pinned)
-            {
-                Interlocked.Increment(ref _lateLoads);
-            }
-
-            Interlocked.Add(ref _loadedChunks, loaded);
-            Interlocked.Add(ref _loadedBytes, loaded * chunkBytes);
-            return loaded;
-        }
-        catch (EngineMemoryException ex)
-        {
-            Interlocked.Increment(ref _copyErrors);
-            throw Translate(ex);
-        }
-        finally
-        {
-            for (int k = 0; k < pinned; k++)
-            {
-                _tier.Unpin(slabs![k]);
-            }
-
-            if (indices is not null)
-            {
-                ArrayPool<int>.Shared.Return(indices);
-                ArrayPool<nint>.Shared.Return(addresses!);
-                ArrayPool<SlabRef>.Shared.Return(slabs!);
-            }
-
-            registration.ReleaseRef();
-            _leases.ReleaseRank(registration.InstanceId, requestId, registration.BaseNamespace);
         }
     }
 

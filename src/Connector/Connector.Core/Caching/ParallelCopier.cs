@@ -49,6 +49,48 @@ internal static class ParallelCopier
         return run.Finish();
     }
 
+    /// <summary>
+    /// Submits the chunk copies of a request to engine memory that completes them later (a GPU stream), in
+    /// chunk order, while the deadline allows each to finish: a chunk is submitted only if the bytes queued before
+    /// it and its own can be copied before the deadline at a conservative <see cref="QueuedBytesPerNs"/>.
+    /// </summary>
+    /// <returns>How many leading entries were submitted; the caller awaits <see cref="IEngineMemory.Completion"/>.</returns>
+    /// <exception cref="EngineMemoryException">A submission failed; the entries before it were submitted.</exception>
+    public static int SubmitInOrder(ChunkTransfer transfer, int[] indices, nint[] slabs, int count, IEngineMemory memory, bool toEngine, long chunkBytes, int maxOpsPerChunk, in CopyDeadline deadline, out Exception? failure)
+    {
+        CopyOp[] ops = ArrayPool<CopyOp>.Shared.Rent(maxOpsPerChunk);
+        CopyDirection direction = toEngine ? CopyDirection.HostToEngine : CopyDirection.EngineToHost;
+        int submitted = 0;
+        failure = null;
+        try
+        {
+            for (; submitted < count; submitted++)
+            {
+                if (!deadline.AllowsStart((submitted + 1) * chunkBytes / QueuedBytesPerNs))
+                {
+                    break;
+                }
+
+                int n = transfer.BuildOps(indices[submitted], slabs[submitted], ops);
+                memory.Submit(direction, ops.AsSpan(0, n));
+            }
+        }
+        catch (Exception ex)
+        {
+            // Reported, not thrown: what was submitted before must still complete before its slabs are let go.
+            failure = ex;
+        }
+        finally
+        {
+            ArrayPool<CopyOp>.Shared.Return(ops);
+        }
+
+        return submitted;
+    }
+
+    /// <summary>Bytes per nanosecond assumed for queued device copies when checking a deadline (4 GB/s, well below PCIe).</summary>
+    private const long QueuedBytesPerNs = 4;
+
     /// <summary>One request's copy, shared by the caller and the helpers that join it.</summary>
     /// <remarks>
     /// Participants take chunk indices from a shared counter. The caller never waits for a helper that has
@@ -101,14 +143,7 @@ internal static class ParallelCopier
 
                     long started = Stopwatch.GetTimestamp();
                     int n = transfer.BuildOps(indices[k], slabs[k], ops);
-                    if (toEngine)
-                    {
-                        memory.Write(ops.AsSpan(0, n));
-                    }
-                    else
-                    {
-                        memory.Read(ops.AsSpan(0, n));
-                    }
+                    memory.Submit(toEngine ? CopyDirection.HostToEngine : CopyDirection.EngineToHost, ops.AsSpan(0, n));
 
                     long ns = (long)Stopwatch.GetElapsedTime(started).TotalNanoseconds;
                     long seen;

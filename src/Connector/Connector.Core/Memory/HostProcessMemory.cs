@@ -10,7 +10,7 @@ public sealed class HostProcessMemoryProvider : IEngineMemoryProvider
     public EngineMemoryKind Kind => EngineMemoryKind.HostProcess;
 
     /// <inheritdoc/>
-    public IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions, ProcessIdentity? owner = null)
+    public IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions, ProcessIdentity? owner = null, EngineSignals? signals = null)
     {
         ArgumentNullException.ThrowIfNull(regions);
         if (regions.Count == 0)
@@ -81,9 +81,11 @@ internal sealed unsafe partial class HostProcessMemory : IEngineMemory
 
     public long RegionLength(int region) => _regions[region].Length;
 
-    public void Read(ReadOnlySpan<CopyOp> ops) => Copy(ops, write: false);
+    public bool CopiesOnSubmit => true;
 
-    public void Write(ReadOnlySpan<CopyOp> ops) => Copy(ops, write: true);
+    public void Submit(CopyDirection direction, ReadOnlySpan<CopyOp> ops) => Copy(ops, write: direction == CopyDirection.HostToEngine);
+
+    public ValueTask Completion(CopyDirection direction) => ValueTask.CompletedTask;
 
     public void Dispose()
     {

@@ -45,7 +45,7 @@ public sealed partial class HostMemoryTier : IDisposable
         options.Validate();
         _options = options;
         _time = time;
-        _arena = new SlabArena(options.CapacityBytes, options.ExtentBytes);
+        _arena = new SlabArena(options.CapacityBytes, options.ExtentBytes, options.Pinner);
     }
 
     /// <summary>Bytes of managed metadata the tier holds now (entries, index, free list); counted in the byte budget.</summary>

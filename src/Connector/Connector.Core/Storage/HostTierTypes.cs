@@ -12,6 +12,9 @@ public sealed class HostTierOptions
     /// <summary>How long a lease protects its chunks. Defaults to 60 s.</summary>
     public TimeSpan LeaseTtl { get; set; } = TimeSpan.FromSeconds(60);
 
+    /// <summary>Page-locks each extent for DMA where a GPU is present (null: extents stay pageable).</summary>
+    public IHostMemoryPinner? Pinner { get; set; }
+
     /// <summary>Checks the settings.</summary>
     /// <exception cref="ArgumentException">A setting is invalid; the message says which.</exception>
     public void Validate()
@@ -75,3 +78,19 @@ public readonly record struct HostTierStats(
     long Evictions,
     long ActiveLeases,
     long LeasedChunks);
+
+/// <summary>
+/// Page-locks host memory for a GPU's copy engines (cuMemHostRegister). The host tier pins each extent once,
+/// when it allocates it, and unpins it before freeing it.
+/// </summary>
+public interface IHostMemoryPinner
+{
+    /// <summary>Pins a range.</summary>
+    /// <param name="address">The start (2 MiB aligned).</param>
+    /// <param name="bytes">Its length.</param>
+    /// <returns>False when the driver refused (the range stays pageable and copies from it run slower); the pinner logs and counts why.</returns>
+    bool TryPin(nint address, long bytes);
+
+    /// <summary>Unpins a range <see cref="TryPin"/> pinned; ignores one it did not.</summary>
+    void Unpin(nint address);
+}

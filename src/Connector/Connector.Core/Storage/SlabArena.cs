@@ -15,13 +15,15 @@ internal sealed unsafe partial class SlabArena : IDisposable
 
     private readonly long _capacity;
     private readonly long _extentBytes;
+    private readonly IHostMemoryPinner? _pinner;
     private readonly Dictionary<long, SlabClass> _classes = [];
     private long _allocated;
 
-    public SlabArena(long capacityBytes, long extentBytes)
+    public SlabArena(long capacityBytes, long extentBytes, IHostMemoryPinner? pinner = null)
     {
         _capacity = capacityBytes;
         _extentBytes = extentBytes;
+        _pinner = pinner;
     }
 
     public long AllocatedBytes => _allocated;
@@ -51,7 +53,9 @@ internal sealed unsafe partial class SlabArena : IDisposable
             return false;
         }
 
-        var fresh = new Extent(c, Allocate(bytes), bytes, (int)(bytes / slabBytes));
+        nint address = Allocate(bytes);
+        _pinner?.TryPin(address, bytes);
+        var fresh = new Extent(c, address, bytes, (int)(bytes / slabBytes));
         c.Extents.Add(fresh);
         _allocated += bytes;
         extent = fresh;
@@ -79,7 +83,7 @@ internal sealed unsafe partial class SlabArena : IDisposable
                 if (e.FreeCount == e.SlabCount)
                 {
                     c.Extents.RemoveAt(i);
-                    NativeMemory.AlignedFree((void*)e.Base);
+                    Free(e);
                     _allocated -= e.Bytes;
                     released = true;
                 }
@@ -95,7 +99,7 @@ internal sealed unsafe partial class SlabArena : IDisposable
         {
             foreach (Extent e in c.Extents)
             {
-                NativeMemory.AlignedFree((void*)e.Base);
+                Free(e);
             }
 
             c.Extents.Clear();
@@ -116,6 +120,12 @@ internal sealed unsafe partial class SlabArena : IDisposable
         }
 
         return c;
+    }
+
+    private void Free(Extent e)
+    {
+        _pinner?.Unpin(e.Base);
+        NativeMemory.AlignedFree((void*)e.Base);
     }
 
     private static nint Allocate(long bytes)

@@ -115,6 +115,12 @@ public sealed class RegisterRequest
 
     /// <summary>The layers, in the engine's order.</summary>
     [Key(1)] public LayerDescriptor[]? Layers { get; set; }
+
+    /// <summary>
+    /// CUDA engines: the 64-byte IPC handle of an interprocess event the worker records after each forward pass,
+    /// before it sends the step's STOREs; the sidecar's store stream waits on it. Nil: the worker synchronises first.
+    /// </summary>
+    [Key(2)] public byte[]? StoreEvent { get; set; }
 }
 
 /// <summary>The reply to REGISTER.</summary>
