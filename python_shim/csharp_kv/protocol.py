@@ -169,7 +169,8 @@ def release(lease_id: int, request_id: Optional[str]) -> list:
 STATS_FIELDS = ("capacity_bytes", "used_bytes", "chunks", "hits", "misses", "evictions", "stored_chunks",
                 "loaded_chunks", "stored_bytes", "loaded_bytes", "active_leases", "protocol_errors",
                 "copy_errors", "connections", "registrations", "late_stores", "late_loads", "permission_denied",
-                "limits_exceeded", "dropped_connections")
+                "limits_exceeded", "dropped_connections", "gpu_handle_opens", "gpu_mappings", "pinned_bytes",
+                "pin_failures")
 
 
 def field(fields: list, index: int, default: Any = None) -> Any:

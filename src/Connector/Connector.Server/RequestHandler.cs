@@ -338,6 +338,10 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
             PermissionDenied = (ulong)counters.PermissionDenied,
             LimitsExceeded = (ulong)counters.LimitsExceeded,
             DroppedConnections = (ulong)counters.DroppedConnections,
+            GpuHandleOpens = (ulong)s.DataPlane.HandleOpens,
+            GpuMappings = (ulong)s.DataPlane.Mappings,
+            PinnedBytes = (ulong)s.DataPlane.PinnedBytes,
+            PinFailures = (ulong)s.DataPlane.PinFailures,
         };
     }
 }

@@ -10,7 +10,7 @@ namespace Connector.Cuda;
 /// mapping is shared with every registration of the same allocation), each layer at its offset, bounds checked
 /// against the allocation the driver reports.
 /// </summary>
-public sealed class CudaEngineMemoryProvider : IEngineMemoryProvider
+public sealed class CudaEngineMemoryProvider : IEngineMemoryProvider, Core.Caching.IDataPlaneCounters
 {
     private readonly CudaDataPlane _plane;
 
@@ -18,6 +18,10 @@ public sealed class CudaEngineMemoryProvider : IEngineMemoryProvider
 
     /// <inheritdoc/>
     public EngineMemoryKind Kind => EngineMemoryKind.CudaIpc;
+
+    /// <inheritdoc/>
+    public Core.Caching.DataPlaneCounters Read() =>
+        new(_plane.IpcOpens, _plane.OpenMappings, _plane.Pinner?.PinnedBytes ?? 0, _plane.Pinner?.Failures ?? 0);
 
     /// <inheritdoc/>
     public IEngineMemory Open(IReadOnlyList<EngineMemoryRef> regions, ProcessIdentity? owner = null, EngineSignals? signals = null)

@@ -131,4 +131,19 @@ public readonly record struct CacheStats(
     long CopyErrors,
     long Registrations,
     long LateStores,
-    long LateLoads);
+    long LateLoads,
+    DataPlaneCounters DataPlane = default);
+
+/// <summary>Counters of a GPU data plane (zero without one).</summary>
+/// <param name="HandleOpens">IPC handles opened so far.</param>
+/// <param name="Mappings">Engine allocations mapped now.</param>
+/// <param name="PinnedBytes">Host memory page-locked now.</param>
+/// <param name="PinFailures">Pin refusals so far.</param>
+public readonly record struct DataPlaneCounters(long HandleOpens, long Mappings, long PinnedBytes, long PinFailures);
+
+/// <summary>An engine-memory provider with counters of its own for STATS.</summary>
+public interface IDataPlaneCounters
+{
+    /// <summary>Reads the counters.</summary>
+    DataPlaneCounters Read();
+}

@@ -282,7 +282,8 @@ public sealed partial class KvCacheService : IDisposable
             tier.CapacityBytes, tier.UsedBytes, tier.Chunks, tier.Hits, tier.Misses, tier.Evictions,
             Interlocked.Read(ref _storedChunks), Interlocked.Read(ref _loadedChunks),
             Interlocked.Read(ref _storedBytes), Interlocked.Read(ref _loadedBytes),
-            tier.ActiveLeases, Interlocked.Read(ref _copyErrors), _registrations.Count, Interlocked.Read(ref _lateStores), Interlocked.Read(ref _lateLoads));
+            tier.ActiveLeases, Interlocked.Read(ref _copyErrors), _registrations.Count, Interlocked.Read(ref _lateStores), Interlocked.Read(ref _lateLoads),
+            _providers.Values.OfType<IDataPlaneCounters>().Select(p => p.Read()).FirstOrDefault());
     }
 
     /// <inheritdoc/>

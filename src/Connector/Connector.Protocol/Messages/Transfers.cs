@@ -237,4 +237,16 @@ public sealed class StatsReply
 
     /// <summary>Connections the sidecar closed: no HELLO in time, a reader that stopped reading, or a failed connection.</summary>
     [Key(19)] public ulong DroppedConnections { get; set; }
+
+    /// <summary>CUDA IPC memory handles opened so far (one per engine allocation; never per copy).</summary>
+    [Key(20)] public ulong GpuHandleOpens { get; set; }
+
+    /// <summary>Engine GPU allocations mapped into the sidecar now.</summary>
+    [Key(21)] public ulong GpuMappings { get; set; }
+
+    /// <summary>Bytes of L1 page-locked for DMA now.</summary>
+    [Key(22)] public ulong PinnedBytes { get; set; }
+
+    /// <summary>L1 extents the driver refused to pin (they stay pageable).</summary>
+    [Key(23)] public ulong PinFailures { get; set; }
 }
