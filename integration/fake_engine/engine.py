@@ -74,6 +74,9 @@ class EngineOptions:
     max_steps: int = 5000
     max_seconds: float = 60.0
     max_load_attempts: int = 16
+    # Where the workers' KV lives: "host" (CPU tensors) or a path to the CUDA driver double (tests/cuda_double):
+    # the KV is then "device" memory of the double, exported to the sidecar through CUDA IPC handles.
+    kv_memory: str = "host"
     # (module path, class name) of another connector (the harness self-tests); None: csharp-sidecar.
     connector: Optional[Tuple[str, str]] = None
     # Keep every step's worker-side connector calls, in order (engine.call_log).
@@ -181,7 +184,7 @@ class FakeEngine:
         for rank in range(opts.tp):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker_main, args=(child, payload, rank, opts.era, opts.runner, paths, self.api,
-                                                         opts.defer_finalize), daemon=True)
+                                                         opts.defer_finalize, opts.kv_memory), daemon=True)
             proc.start()
             child.close()
             self.workers.append((proc, parent))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,23 +31,58 @@ def kv_values(tokens: torch.Tensor, positions: torch.Tensor, layer: int, plane: 
     return (v.to(torch.float32) / 4.0).to(g.dtype)
 
 
+_cuda_double = None
+FAKE_GPU_UUID = "GPU-facecda0-0000-0000-0000-000000000000"
+
+
+def use_cuda_double(library: str) -> None:
+    """Makes this worker a "GPU" engine over the CUDA driver double: its KV tensors are views of the double's
+    device memory (host memory shared through /dev/shm), and the shim exports them with CUDA IPC handles."""
+    global _cuda_double
+    import ctypes
+
+    os.environ["KVSIDECAR_CUDA_LIBRARY"] = library
+    os.environ["KVSIDECAR_FAKE_CUDA_DEVICE"] = FAKE_GPU_UUID
+    lib = ctypes.CDLL(library)
+    lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    ctx = ctypes.c_void_p()
+    for rc in (lib.cuInit(0), lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0), lib.cuCtxSetCurrent(ctx)):
+        if rc != 0:
+            raise RuntimeError(f"the CUDA driver double failed to start ({rc})")
+    _cuda_double = lib
+
+
+def _zeros(*shape, dtype) -> torch.Tensor:
+    """torch.zeros on the host, or in the driver double's device memory when this worker uses it."""
+    if _cuda_double is None:
+        return torch.zeros(*shape, dtype=dtype)
+    import ctypes
+
+    n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    ptr = ctypes.c_uint64()
+    if _cuda_double.cuMemAlloc_v2(ctypes.byref(ptr), n) != 0:
+        raise RuntimeError("cuMemAlloc_v2 failed in the CUDA driver double")
+    raw = torch.frombuffer((ctypes.c_uint8 * n).from_address(ptr.value), dtype=torch.uint8)
+    return raw.view(dtype).view(*shape).zero_()
+
+
 def make_kv_caches(era: str, g: Geometry) -> dict:
     """One tensor per layer, in the shape vLLM passed to register_kv_caches in that era."""
     B, N, H, D = g.num_blocks, g.block_size, g.num_heads, g.head_size
     caches = {}
     if era == "shared_views":
         # One buffer for all layers ([B, L, H, N, 2D]); each layer gets a strided [B, H, N, 2D] view (#51718).
-        buf = torch.zeros(B, g.num_layers, H, N, 2 * D, dtype=g.dtype)
+        buf = _zeros(B, g.num_layers, H, N, 2 * D, dtype=g.dtype)
         for layer in range(g.num_layers):
             caches[f"model.layers.{layer}.self_attn.attn"] = buf[:, layer]
         return caches
     for layer in range(g.num_layers):
         if era == "kv_first":
-            t = torch.zeros(2, B, N, H, D, dtype=g.dtype)
+            t = _zeros(2, B, N, H, D, dtype=g.dtype)
         elif era == "blocks_first":
-            t = torch.zeros(B, 2, N, H, D, dtype=g.dtype)
+            t = _zeros(B, 2, N, H, D, dtype=g.dtype)
         elif era == "packed":
-            t = torch.zeros(B, H, N, 2 * D, dtype=g.dtype)
+            t = _zeros(B, H, N, 2 * D, dtype=g.dtype)
         else:
             raise ValueError(era)
         caches[f"model.layers.{layer}.self_attn.attn"] = t

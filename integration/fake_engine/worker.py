@@ -267,13 +267,18 @@ class FakeWorker:
         return bool((k[block] == POISON).any())
 
 
-def worker_main(conn, payload, rank, era, runner, sys_path, api="v029", defer_finalize=False) -> None:
+def worker_main(conn, payload, rank, era, runner, sys_path, api="v029", defer_finalize=False, kv_memory="host") -> None:
     """Entry point of a worker process: commands arrive over a pipe. ``api`` is set in the environment before
-    anything imports the fake vllm; ``payload`` is the pickled (vllm_config, kv_cache_config, geometry)."""
+    anything imports the fake vllm; ``payload`` is the pickled (vllm_config, kv_cache_config, geometry);
+    ``kv_memory`` is "host" or the path of the CUDA driver double to take the KV memory from."""
     import pickle
     import sys
 
     os.environ["FAKE_VLLM_API"] = api
+    if kv_memory != "host":
+        from .model import use_cuda_double
+
+        use_cuda_double(kv_memory)
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
     try:
         from fake_engine import api as fake_api

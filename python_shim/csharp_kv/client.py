@@ -78,6 +78,7 @@ class SidecarClient:
         self.on_connect = on_connect
         self.counters = ClientCounters()
         self.server_pid: Optional[int] = None
+        self.server_capabilities: tuple = ()
         self.max_frame_bytes = 64 << 20
         self._lock = threading.Lock()
         self._send_lock = threading.RLock()
@@ -176,6 +177,7 @@ class SidecarClient:
             self._drop(generation, ConnectionError("HELLO failed"))
             return
         self.server_pid = reply.get(5)
+        self.server_capabilities = tuple(reply.get(2) or ())
         self.max_frame_bytes = reply.get(3, self.max_frame_bytes)
         if self.counters.connects > 0:
             self.counters.reconnects += 1
