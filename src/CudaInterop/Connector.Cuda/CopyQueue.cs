@@ -47,6 +47,17 @@ internal sealed class CopyQueue : IDisposable
             catch
             {
                 ev.Dispose();
+                // Without an event nothing says when the queued copies end: wait for them here, so the caller may
+                // let go of their host memory when this throws.
+                try
+                {
+                    Stream.Synchronize();
+                }
+                catch (CudaException)
+                {
+                    // The stream failed as well; its copies have stopped.
+                }
+
                 throw;
             }
 

@@ -109,7 +109,7 @@ internal sealed class CudaEngineMemory : IEngineMemory
 
     public ValueTask Completion(CopyDirection direction)
     {
-        EnsureUsable();
+        // No liveness check here: copies already submitted must be waited for before their slabs are let go.
         CopyQueue queue = direction == CopyDirection.EngineToHost ? _device.Stores : _device.Loads;
         Task done;
         try
