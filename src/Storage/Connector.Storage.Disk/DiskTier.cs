@@ -1,0 +1,1 @@
+namespace Connector.Storage.Disk;

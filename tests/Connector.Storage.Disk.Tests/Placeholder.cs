@@ -1,0 +1,9 @@
+using Xunit;
+
+namespace Connector.Storage.Disk.Tests;
+
+public sealed class ProjectBuilds
+{
+    [Fact]
+    public void TierAssemblyLoads() => Assert.NotNull(typeof(Connector.Core.Storage.Tiers.IChunkTier).Assembly);
+}
