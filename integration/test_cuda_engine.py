@@ -4,6 +4,7 @@ store event; the real sidecar process loads the double in place of libcuda.so.1,
 its streams. The KV the forward reads is checked byte for byte, as in test_scenarios.py. Also: how the sidecar
 starts with no driver, a driver without devices, or a driver it cannot load."""
 
+import glob
 import os
 import subprocess
 import time
@@ -37,6 +38,14 @@ def gpu_sidecar(double):
     s = SidecarProcess(extra_args=["--Sidecar:Gpu=required", f"--Sidecar:CudaDriverLibrary={double}"])
     yield s
     s.stop()
+
+
+def remove_device_memory(pids):
+    """Workers that exit without their atexit handlers leave the double's "device memory" (POSIX shared memory)."""
+    for pid in pids:
+        for pattern in (f"fakecuda-{pid}-*", f"fakecuda-ev-{pid}-*"):
+            for path in glob.glob(os.path.join("/dev/shm", pattern)):
+                os.unlink(path)
 
 
 def stats(socket_path):
@@ -86,8 +95,10 @@ def test_gpu_engine_cold_then_warm_loads_exact_bytes_with_one_open_per_allocatio
         assert s["gpu_handle_opens"] == allocations, "an IPC handle was opened on the hot path"
         assert s["pinned_bytes"] > 0 and s["copy_errors"] == 0
     finally:
+        pids = [proc.pid for proc, _ in e.workers]
         e.close()
         fake_api.activate(None)
+        remove_device_memory(pids)
     # The engine is gone: its mappings are closed (an open mapping would pin its GPU memory).
     deadline = time.monotonic() + 10
     while stats(gpu_sidecar.socket_path)[0]["gpu_mappings"] != 0 and time.monotonic() < deadline:

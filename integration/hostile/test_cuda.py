@@ -4,6 +4,7 @@ sidecar cannot see. The sidecar loads the CUDA driver double (tests/cuda_double)
 victim is a separate process that exported a real handle of the double. After each attack: the refusal code, no
 mapping left open, the victim's memory unchanged, and a fresh client served."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -48,6 +49,10 @@ class Exporter:
     def close(self):
         self.proc.kill()
         self.proc.wait()
+        # A killed process cannot unlink its "device memory" (the double's POSIX shared memory): do it for it.
+        for pattern in (f"fakecuda-{self.pid}-*", f"fakecuda-ev-{self.pid}-*"):
+            for path in glob.glob(os.path.join("/dev/shm", pattern)):
+                os.unlink(path)
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ internal sealed class Exporter : IDisposable
     {
         _process.Kill();
         _process.WaitForExit();
+        RemoveSharedMemory();
     }
 
     public void Dispose()
@@ -59,7 +60,20 @@ internal sealed class Exporter : IDisposable
             _process.WaitForExit();
         }
 
+        RemoveSharedMemory();
         _process.Dispose();
+    }
+
+    /// <summary>A killed process cannot unlink its "device memory" (POSIX shared memory of the double): do it for it.</summary>
+    private void RemoveSharedMemory()
+    {
+        foreach (string pattern in new[] { $"fakecuda-{Pid}-*", $"fakecuda-ev-{Pid}-*" })
+        {
+            foreach (string file in Directory.EnumerateFiles("/dev/shm", pattern))
+            {
+                File.Delete(file);
+            }
+        }
     }
 
     private string Ask(string command)

@@ -102,6 +102,16 @@ class WorkerSide:
         self.client.ensure_connected()
         if meta is None or not meta.loads:
             return
+        if self.disabled_reason:
+            # The cache is off for this worker (its KV memory cannot be shared): every load fails here, at once,
+            # without a request the sidecar would refuse.
+            for op in meta.loads:
+                if op.req_id in self._async:
+                    continue
+                self._finish_load(Reply(error_code=-1, error=self.disabled_reason), op)
+                if op.is_async:
+                    self._finished_recving.add(op.req_id)
+            return
         sync: List[Tuple[object, LoadOp]] = []
         now_ns = time.monotonic_ns()
         now = now_ns / 1e9
@@ -190,6 +200,12 @@ class WorkerSide:
         # Replies first: a store resumes from the newest chain state we hold.
         self._reap_stores()
         if meta is None or not meta.stores:
+            return
+        if self.disabled_reason:
+            # Nothing is sent, but the requests are known: each is reported in finished_sending when vLLM finishes
+            # it, so the blocks the scheduler held back for its stores are freed.
+            for op in meta.stores:
+                self._stores.setdefault(op.req_id, _PendingStores())
             return
         if self._store_event is not None:
             # After this step's forward on the compute stream: the sidecar's store copies wait for it on the GPU.
