@@ -170,7 +170,10 @@ STATS_FIELDS = ("capacity_bytes", "used_bytes", "chunks", "hits", "misses", "evi
                 "loaded_chunks", "stored_bytes", "loaded_bytes", "active_leases", "protocol_errors",
                 "copy_errors", "connections", "registrations", "late_stores", "late_loads", "permission_denied",
                 "limits_exceeded", "dropped_connections", "gpu_handle_opens", "gpu_mappings", "pinned_bytes",
-                "pin_failures")
+                "pin_failures", "tiers")
+TIER_STATS_FIELDS = ("name", "policy", "capacity_bytes", "used_bytes", "chunks", "hits", "misses", "bytes_read",
+                     "bytes_written", "writes", "drops", "not_admitted", "evictions", "corrupt", "errors", "queue_depth",
+                     "write_through_offers", "demotions", "promotions", "promotion_failures")
 
 
 def field(fields: list, index: int, default: Any = None) -> Any:

@@ -80,12 +80,15 @@ def test_golden_replies_read_with_the_shims_names():
         return p.decode_body(bytes.fromhex(frames[name]["frame_hex"])[p.HEADER_SIZE:])
 
     stats = body("stats_reply_all_fields")
-    assert len(stats) == len(p.STATS_FIELDS) == 24
+    assert len(stats) == len(p.STATS_FIELDS) == 25
     named = dict(zip(p.STATS_FIELDS, stats))
     assert (named["late_stores"], named["late_loads"], named["permission_denied"], named["limits_exceeded"],
             named["dropped_connections"]) == (15, 16, 17, 18, 19)
     assert (named["gpu_handle_opens"], named["gpu_mappings"], named["pinned_bytes"], named["pin_failures"]) == (
         20, 21, 1 << 33, 23)
+    disk = dict(zip(p.TIER_STATS_FIELDS, named["tiers"][0]))
+    assert (disk["name"], disk["policy"], disk["demotions"], disk["promotion_failures"]) == ("disk", "write-back", 13,
+                                                                                            2**64 - 1)
     assert named["loaded_bytes"] == 2**64 - 1
     assert p.field(body("stats_reply"), p.STATS_FIELDS.index("dropped_connections"), None) == 0
     for name, code in [("error", p.ErrorCode.OUT_OF_RANGE), ("error_permission_denied", p.ErrorCode.PERMISSION_DENIED),

@@ -66,7 +66,10 @@ FIELDS = {
     "StatsReply": ("capacity_bytes", "used_bytes", "chunks", "hits", "misses", "evictions", "stored_chunks",
                    "loaded_chunks", "stored_bytes", "loaded_bytes", "active_leases", "protocol_errors", "copy_errors",
                    "connections", "registrations", "late_stores", "late_loads", "permission_denied", "limits_exceeded",
-                   "dropped_connections", "gpu_handle_opens", "gpu_mappings", "pinned_bytes", "pin_failures"),
+                   "dropped_connections", "gpu_handle_opens", "gpu_mappings", "pinned_bytes", "pin_failures", "tiers"),
+    "TierStats": ("name", "policy", "capacity_bytes", "used_bytes", "chunks", "hits", "misses", "bytes_read",
+                  "bytes_written", "writes", "drops", "not_admitted", "evictions", "corrupt", "errors", "queue_depth",
+                  "write_through_offers", "demotions", "promotions", "promotion_failures"),
     "Error": ("code", "message"),
 }
 
@@ -85,6 +88,7 @@ BOUNDS = {
     ("Release", "lease_id"): U64,
     ("Ping", "nonce"): U64,
     **{("StatsReply", f): U64 for f in FIELDS["StatsReply"]},
+    **{("TierStats", f): U64 for f in FIELDS["TierStats"]},
 }
 I32 = (-2**31, 2**31 - 1)
 
@@ -151,7 +155,7 @@ def frames():
                        stored_chunks=5, loaded_chunks=6, stored_bytes=7, loaded_bytes=8, active_leases=9,
                        protocol_errors=10, copy_errors=11, connections=12, registrations=13, late_stores=14,
                        late_loads=0, permission_denied=0, limits_exceeded=0, dropped_connections=0,
-                       gpu_handle_opens=0, gpu_mappings=0, pinned_bytes=0, pin_failures=0)
+                       gpu_handle_opens=0, gpu_mappings=0, pinned_bytes=0, pin_failures=0, tiers=None)
     return [
         frame("hello", HELLO, 0, 1, msg(
             "Hello", protocol_version=1, engine_kind="vllm", engine_version="0.29.0", instance_id="engine-7f3a",
@@ -223,7 +227,11 @@ def frames():
             stored_chunks=128, loaded_chunks=127, stored_bytes=1 << 32, loaded_bytes=2**64 - 1, active_leases=10,
             protocol_errors=11, copy_errors=12, connections=13, registrations=14, late_stores=15, late_loads=16,
             permission_denied=17, limits_exceeded=18, dropped_connections=19, gpu_handle_opens=20, gpu_mappings=21,
-            pinned_bytes=1 << 33, pin_failures=23)),
+            pinned_bytes=1 << 33, pin_failures=23, tiers=[msg(
+                "TierStats", name="disk", policy="write-back", capacity_bytes=1 << 40, used_bytes=1 << 33, chunks=300,
+                hits=1, misses=2, bytes_read=3, bytes_written=4, writes=5, drops=6, not_admitted=7, evictions=8,
+                corrupt=9, errors=10, queue_depth=11, write_through_offers=12, demotions=13, promotions=14,
+                promotion_failures=2**64 - 1)])),
         frame("error", LOAD, REPLY | ERROR, 11, msg("Error", code=OUT_OF_RANGE, message="block id 4096 is outside [0, 2048)")),
         # Request id 0 is a valid id; a message short enough for a fixstr.
         frame("error_permission_denied", REGISTER, REPLY | ERROR, 0, msg(

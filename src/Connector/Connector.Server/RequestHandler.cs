@@ -342,6 +342,31 @@ internal sealed class RequestHandler(long sessionId, ProcessIdentity peer, KvCac
             GpuMappings = (ulong)s.DataPlane.Mappings,
             PinnedBytes = (ulong)s.DataPlane.PinnedBytes,
             PinFailures = (ulong)s.DataPlane.PinFailures,
+            Tiers = cache.Tiers?.GetStats().Select(ToMessage).ToArray(),
         };
     }
+
+    private static TierStatsMessage ToMessage(Core.Storage.Tiers.TierChainStats t) => new()
+    {
+        Name = t.Tier.Name,
+        Policy = t.Policy == Core.Storage.Tiers.TierWritePolicy.WriteThrough ? "write-through" : "write-back",
+        CapacityBytes = (ulong)Math.Max(0, t.Tier.CapacityBytes),
+        UsedBytes = (ulong)Math.Max(0, t.Tier.UsedBytes),
+        Chunks = (ulong)Math.Max(0, t.Tier.Chunks),
+        Hits = (ulong)t.Tier.Hits,
+        Misses = (ulong)t.Tier.Misses,
+        BytesRead = (ulong)t.Tier.BytesRead,
+        BytesWritten = (ulong)t.Tier.BytesWritten,
+        Writes = (ulong)t.Tier.Writes,
+        Drops = (ulong)t.Tier.Drops,
+        NotAdmitted = (ulong)t.Tier.NotAdmitted,
+        Evictions = (ulong)t.Tier.Evictions,
+        Corrupt = (ulong)t.Tier.Corrupt,
+        Errors = (ulong)t.Tier.Errors,
+        QueueDepth = (ulong)Math.Max(0, t.Tier.QueueDepth),
+        WriteThroughOffers = (ulong)t.WriteThroughOffers,
+        Demotions = (ulong)t.Demotions,
+        Promotions = (ulong)t.Promotions,
+        PromotionFailures = (ulong)t.PromotionFailures,
+    };
 }

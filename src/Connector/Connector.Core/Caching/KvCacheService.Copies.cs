@@ -200,6 +200,8 @@ public sealed partial class KvCacheService
             return new StoreResult(0, copy.Present, copy.Failed + copy.Count, transfer.SealLast());
         }
 
+        // While the slabs are still ours alone (reserved, not visible, not evictable): the tiers copy their bytes.
+        OfferStored(copy);
         for (; copy.Committed < copy.Count; copy.Committed++)
         {
             _tier.CommitStore(copy.Slabs[copy.Committed]);

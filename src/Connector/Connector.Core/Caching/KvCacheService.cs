@@ -4,6 +4,7 @@ using Connector.Core.Keys;
 using Connector.Core.Memory;
 using Connector.Core.Platform;
 using Connector.Core.Storage;
+using Connector.Core.Storage.Tiers;
 
 namespace Connector.Core.Caching;
 
@@ -41,7 +42,9 @@ public sealed partial class KvCacheService : IDisposable
     /// <param name="providers">The engine memory providers.</param>
     /// <param name="limits">The bounds on client requests; the defaults when null.</param>
     /// <param name="helpers">Threads that help with large copies; none when null.</param>
-    public KvCacheService(HostMemoryTier tier, IEnumerable<IEngineMemoryProvider> providers, CacheLimits? limits = null, CopyThreads? helpers = null)
+    /// <param name="chain">The tiers below L1, or null for L1 only. The host tier's eviction sink should be the same chain.</param>
+    /// <param name="tierOptions">Promotion settings; the defaults when null.</param>
+    public KvCacheService(HostMemoryTier tier, IEnumerable<IEngineMemoryProvider> providers, CacheLimits? limits = null, CopyThreads? helpers = null, TierChain? chain = null, TieringOptions? tierOptions = null)
     {
         ArgumentNullException.ThrowIfNull(tier);
         ArgumentNullException.ThrowIfNull(providers);
@@ -50,6 +53,8 @@ public sealed partial class KvCacheService : IDisposable
         _limits = limits ?? new CacheLimits();
         _helpers = helpers;
         _leases = new LeaseBook(tier, _limits.MaxLeasesPerConnection);
+        _chain = chain is { Slots.Count: > 0 } ? chain : null;
+        _tiering = tierOptions ?? new TieringOptions();
     }
 
     /// <summary>The kinds of engine memory this service can open.</summary>
@@ -205,14 +210,27 @@ public sealed partial class KvCacheService : IDisposable
         }
 
         ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(wanted * ranks.Length);
+        int[] rankHits = ArrayPool<int>.Shared.Rent(ranks.Length);
+        Promotion? promoted = null;
         try
         {
+            // With lower tiers every rank's keys are needed (each rank may miss at another chunk); without, the
+            // shortest hit so far bounds the work.
+            bool tiers = _chain is not null && lease;
             int hit = wanted;
-            for (int r = 0; r < ranks.Length && hit > 0; r++)
+            for (int r = 0; r < ranks.Length && (tiers || hit > 0); r++)
             {
-                Span<ChunkKey> rankKeys = keys.AsSpan(r * wanted, hit);
-                ChunkHasher.ComputeKeys(ranks[r].RootKey(cacheSalt), chunkTokens, tokens[..(hit * chunkTokens)], rankKeys);
-                hit = _tier.CountPresentPrefix(rankKeys);
+                int n = tiers ? wanted : hit;
+                Span<ChunkKey> rankKeys = keys.AsSpan(r * wanted, n);
+                ChunkHasher.ComputeKeys(ranks[r].RootKey(cacheSalt), chunkTokens, tokens[..(n * chunkTokens)], rankKeys);
+                rankHits[r] = _tier.CountPresentPrefix(rankKeys);
+                hit = Math.Min(hit, rankHits[r]);
+            }
+
+            if (tiers && hit < wanted && WaitForPromotion(instanceId, requestId, cacheSalt, ranks, keys, wanted, rankHits, hit, out promoted))
+            {
+                // Lower tiers hold more of the prompt and it is on its way into L1: vLLM asks again next step.
+                return new LookupResult(0, 0, 0, LookupOutcome.Pending);
             }
 
             ulong leaseId = 0;
@@ -236,7 +254,10 @@ public sealed partial class KvCacheService : IDisposable
         }
         finally
         {
+            // After the lease: promoted chunks stay pinned until the lease protects them.
+            promoted?.Release();
             ArrayPool<ChunkKey>.Shared.Return(keys);
+            ArrayPool<int>.Shared.Return(rankHits);
         }
     }
 
@@ -266,6 +287,7 @@ public sealed partial class KvCacheService : IDisposable
     /// <summary>Ends leases past their TTL.</summary>
     public int ExpireLeases()
     {
+        SweepPromotions();
         int expired = _tier.ExpireLeases();
         _leases.Prune();
         return expired;

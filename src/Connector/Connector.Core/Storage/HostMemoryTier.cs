@@ -35,6 +35,7 @@ public sealed partial class HostMemoryTier : IDisposable
     private long _evictions;
     private long _leasedChunks;
     private ulong _nextLease;
+    private long _demotionErrors;
     private bool _disposed;
 
     /// <summary>Creates an empty tier; memory is allocated as chunks arrive.</summary>
@@ -305,6 +306,7 @@ public sealed partial class HostMemoryTier : IDisposable
                 return false;
             }
 
+            Demote(victim);
             Remove(victim);
             _evictions++;
         }
@@ -345,6 +347,25 @@ public sealed partial class HostMemoryTier : IDisposable
         }
 
         return None;
+    }
+
+    /// <summary>Hands an evicted chunk to the lower tiers; a failing sink never stops the eviction.</summary>
+    private unsafe void Demote(int e)
+    {
+        if (_options.EvictionSink is not { } sink)
+        {
+            return;
+        }
+
+        ref Entry entry = ref _entries[e];
+        try
+        {
+            sink.OnEvict(entry.Key, entry.Parent, entry.NamespaceTag, new ReadOnlySpan<byte>((void*)entry.Address, checked((int)entry.Length)));
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            _demotionErrors++;
+        }
     }
 
     private void Remove(int e)

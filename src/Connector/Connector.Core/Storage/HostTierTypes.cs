@@ -15,6 +15,9 @@ public sealed class HostTierOptions
     /// <summary>Page-locks each extent for DMA where a GPU is present (null: extents stay pageable).</summary>
     public IHostMemoryPinner? Pinner { get; set; }
 
+    /// <summary>Receives evicted chunks (demotion to lower tiers); null: eviction drops them.</summary>
+    public Tiers.IEvictionSink? EvictionSink { get; set; }
+
     /// <summary>Checks the settings.</summary>
     /// <exception cref="ArgumentException">A setting is invalid; the message says which.</exception>
     public void Validate()

@@ -249,4 +249,72 @@ public sealed class StatsReply
 
     /// <summary>L1 extents the driver refused to pin (they stay pageable).</summary>
     [Key(23)] public ulong PinFailures { get; set; }
+
+    /// <summary>The tiers below L1, hot to cold (nil or empty: none).</summary>
+    [Key(24)] public TierStatsMessage[]? Tiers { get; set; }
+}
+
+/// <summary>One tier's counters in STATS (docs/protocol.md).</summary>
+[MessagePackObject]
+public sealed class TierStatsMessage
+{
+    /// <summary>"disk", "redis".</summary>
+    [Key(0)] public string? Name { get; set; }
+
+    /// <summary>"write-through" or "write-back".</summary>
+    [Key(1)] public string? Policy { get; set; }
+
+    /// <summary>The tier's byte budget.</summary>
+    [Key(2)] public ulong CapacityBytes { get; set; }
+
+    /// <summary>Bytes it holds (as far as it knows).</summary>
+    [Key(3)] public ulong UsedBytes { get; set; }
+
+    /// <summary>Chunks it holds (as far as it knows).</summary>
+    [Key(4)] public ulong Chunks { get; set; }
+
+    /// <summary>Reads that returned verified bytes.</summary>
+    [Key(5)] public ulong Hits { get; set; }
+
+    /// <summary>Reads of chunks it did not hold.</summary>
+    [Key(6)] public ulong Misses { get; set; }
+
+    /// <summary>Bytes read.</summary>
+    [Key(7)] public ulong BytesRead { get; set; }
+
+    /// <summary>Bytes written.</summary>
+    [Key(8)] public ulong BytesWritten { get; set; }
+
+    /// <summary>Chunks written.</summary>
+    [Key(9)] public ulong Writes { get; set; }
+
+    /// <summary>Writes dropped (queue full, store unavailable).</summary>
+    [Key(10)] public ulong Drops { get; set; }
+
+    /// <summary>Chunks not admitted (frequency admission).</summary>
+    [Key(11)] public ulong NotAdmitted { get; set; }
+
+    /// <summary>Chunks the tier evicted under its budget.</summary>
+    [Key(12)] public ulong Evictions { get; set; }
+
+    /// <summary>Values that failed verification and were dropped.</summary>
+    [Key(13)] public ulong Corrupt { get; set; }
+
+    /// <summary>Failures of the backing store.</summary>
+    [Key(14)] public ulong Errors { get; set; }
+
+    /// <summary>Writes queued now.</summary>
+    [Key(15)] public ulong QueueDepth { get; set; }
+
+    /// <summary>Chunks accepted at store (write-through).</summary>
+    [Key(16)] public ulong WriteThroughOffers { get; set; }
+
+    /// <summary>Chunks accepted at L1 eviction (demotions).</summary>
+    [Key(17)] public ulong Demotions { get; set; }
+
+    /// <summary>Chunks promoted from the tier into L1.</summary>
+    [Key(18)] public ulong Promotions { get; set; }
+
+    /// <summary>Promotions that failed.</summary>
+    [Key(19)] public ulong PromotionFailures { get; set; }
 }
