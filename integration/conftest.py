@@ -14,6 +14,19 @@ ensure_import_paths()
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def cuda_double():
+    """The path of the CUDA driver double (tests/cuda_double), built once; the test skips where it cannot be built."""
+    import subprocess
+
+    from fake_engine.model import build_cuda_double
+
+    try:
+        return build_cuda_double()
+    except (subprocess.CalledProcessError, OSError) as e:
+        pytest.skip(f"the CUDA driver double cannot be built here: {e}")
+
+
 @pytest.fixture
 def sidecar():
     if sidecar_bin() is None:

@@ -4,48 +4,26 @@ store event; the real sidecar process loads the double in place of libcuda.so.1,
 its streams. The KV the forward reads is checked byte for byte, as in test_scenarios.py. Also: how the sidecar
 starts with no driver, a driver without devices, or a driver it cannot load."""
 
-import glob
-import os
-import subprocess
 import time
 
 import pytest
 
 from fake_engine import api as fake_api
 from fake_engine.engine import EngineOptions, FakeEngine, SidecarProcess
+from fake_engine.model import remove_device_memory
 from fake_engine.sidecar import NOT_BUILT, SidecarStartError, sidecar_bin
 
 from csharp_kv import protocol as p
 from csharp_kv.client import SidecarClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def double():
-    try:
-        out = subprocess.run(["bash", os.path.join(ROOT, "tests", "cuda_double", "build.sh")], check=True,
-                             capture_output=True, text=True, timeout=120)
-    except (subprocess.CalledProcessError, OSError) as e:
-        pytest.skip(f"the CUDA driver double cannot be built here: {e}")
-    return out.stdout.strip()
-
 
 @pytest.fixture
-def gpu_sidecar(double):
+def gpu_sidecar(cuda_double):
     if sidecar_bin() is None:
         pytest.skip(NOT_BUILT)
-    s = SidecarProcess(extra_args=["--Sidecar:Gpu=required", f"--Sidecar:CudaDriverLibrary={double}"])
+    s = SidecarProcess(extra_args=["--Sidecar:Gpu=required", f"--Sidecar:CudaDriverLibrary={cuda_double}"])
     yield s
     s.stop()
-
-
-def remove_device_memory(pids):
-    """Workers that exit without their atexit handlers leave the double's "device memory" (POSIX shared memory)."""
-    for pid in pids:
-        for pattern in (f"fakecuda-{pid}-*", f"fakecuda-ev-{pid}-*"):
-            for path in glob.glob(os.path.join("/dev/shm", pattern)):
-                os.unlink(path)
 
 
 def stats(socket_path):
@@ -74,10 +52,10 @@ def run_requests(engine, requests):
 
 @pytest.mark.parametrize("era,api,async_load", [("blocks_first", "v029", False), ("kv_first", "newest", True),
                                                 ("shared_views", "v029", True)])
-def test_gpu_engine_cold_then_warm_loads_exact_bytes_with_one_open_per_allocation(gpu_sidecar, double, era, api,
-                                                                                   async_load):
+def test_gpu_engine_cold_then_warm_loads_exact_bytes_with_one_open_per_allocation(gpu_sidecar, cuda_double, era,
+                                                                                   api, async_load):
     layers = 4
-    e = FakeEngine(gpu_sidecar.socket_path, EngineOptions(api=api, era=era, num_layers=layers, kv_memory=double,
+    e = FakeEngine(gpu_sidecar.socket_path, EngineOptions(api=api, era=era, num_layers=layers, kv_memory=cuda_double,
                                                           extra_config={"async_load": async_load}))
     try:
         s, caps = stats(gpu_sidecar.socket_path)
@@ -141,12 +119,12 @@ def test_sidecar_without_a_driver_serves_host_memory_only():
     ("/nonexistent/libcuda.so.1", {}, "cannot be loaded"),
     (None, {"FAKECUDA_NO_DEVICE": "1"}, "CUDA_ERROR_NO_DEVICE"),
 ])
-def test_gpu_required_without_a_usable_driver_refuses_to_start(double, monkeypatch, library, env, expected):
+def test_gpu_required_without_a_usable_driver_refuses_to_start(cuda_double, monkeypatch, library, env, expected):
     if sidecar_bin() is None:
         pytest.skip(NOT_BUILT)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(SidecarStartError) as ex:
-        SidecarProcess(extra_args=["--Sidecar:Gpu=required", f"--Sidecar:CudaDriverLibrary={library or double}"])
+        SidecarProcess(extra_args=["--Sidecar:Gpu=required", f"--Sidecar:CudaDriverLibrary={library or cuda_double}"])
     assert ex.value.returncode == 1
     assert expected in ex.value.log

@@ -33,6 +33,27 @@ def kv_values(tokens: torch.Tensor, positions: torch.Tensor, layer: int, plane: 
 
 _cuda_double = None
 FAKE_GPU_UUID = "GPU-facecda0-0000-0000-0000-000000000000"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_cuda_double() -> str:
+    """Builds the CUDA driver double (once; build.sh skips an up-to-date library) and returns its path."""
+    import subprocess
+
+    out = subprocess.run(["bash", os.path.join(REPO, "tests", "cuda_double", "build.sh")], check=True,
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def remove_device_memory(pids) -> None:
+    """A killed process (or one that exits without its atexit handlers) leaves the double's "device memory", POSIX
+    shared memory named after its pid: unlink it for it."""
+    import glob
+
+    for pid in pids:
+        for pattern in (f"fakecuda-{pid}-*", f"fakecuda-ev-{pid}-*"):
+            for path in glob.glob(os.path.join("/dev/shm", pattern)):
+                os.unlink(path)
 
 
 def use_cuda_double(library: str) -> None:

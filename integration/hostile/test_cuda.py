@@ -4,7 +4,6 @@ sidecar cannot see. The sidecar loads the CUDA driver double (tests/cuda_double)
 victim is a separate process that exported a real handle of the double. After each attack: the refusal code, no
 mapping left open, the victim's memory unchanged, and a fresh client served."""
 
-import glob
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from daemon import Sidecar
+from fake_engine.model import remove_device_memory
 from wire import E, Op, RawConn, code_name, p, unique
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,32 +49,19 @@ class Exporter:
     def close(self):
         self.proc.kill()
         self.proc.wait()
-        # A killed process cannot unlink its "device memory" (the double's POSIX shared memory): do it for it.
-        for pattern in (f"fakecuda-{self.pid}-*", f"fakecuda-ev-{self.pid}-*"):
-            for path in glob.glob(os.path.join("/dev/shm", pattern)):
-                os.unlink(path)
+        remove_device_memory([self.pid])
 
 
 @pytest.fixture(scope="module")
-def double():
-    try:
-        out = subprocess.run(["bash", os.path.join(ROOT, "tests", "cuda_double", "build.sh")], check=True,
-                             capture_output=True, text=True, timeout=120)
-    except (subprocess.CalledProcessError, OSError) as e:
-        pytest.skip(f"the CUDA driver double cannot be built here: {e}")
-    return out.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def cuda_sidecar(sidecar_built, double):
-    s = Sidecar("Gpu=required", f"CudaDriverLibrary={double}", name="cuda")
+def cuda_sidecar(sidecar_built, cuda_double):
+    s = Sidecar("Gpu=required", f"CudaDriverLibrary={cuda_double}", name="cuda")
     yield s
     s.stop()
 
 
 @pytest.fixture
-def victim(double):
-    v = Exporter(double)
+def victim(cuda_double):
+    v = Exporter(cuda_double)
     yield v
     v.close()
 
