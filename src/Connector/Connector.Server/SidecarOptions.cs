@@ -39,6 +39,21 @@ public sealed class SidecarOptions
     /// <summary>Whether L1 extents are page-locked for DMA where a GPU is present. Defaults to true.</summary>
     public bool PinHostMemory { get; set; } = true;
 
+    /// <summary>When the disk tier (Sidecar:Disk, on when Sidecar:Disk:Path is set) receives chunks: "write-back" (default: at L1 eviction, sparing the SSD chunks that die in memory) or "write-through" (at every store).</summary>
+    [RegularExpression("^(write-back|write-through)$", ErrorMessage = "Sidecar:DiskWritePolicy must be write-back or write-through.")]
+    public string DiskWritePolicy { get; set; } = "write-back";
+
+    /// <summary>When the Redis/Valkey tier (Sidecar:Redis, on when Sidecar:Redis:Configuration is set) receives chunks: "write-through" (default: other machines see a chunk as soon as it is stored) or "write-back".</summary>
+    [RegularExpression("^(write-back|write-through)$", ErrorMessage = "Sidecar:RedisWritePolicy must be write-back or write-through.")]
+    public string RedisWritePolicy { get; set; } = "write-through";
+
+    /// <summary>How long a LOOKUP answers "pending" while chunks are promoted from lower tiers. Defaults to 1 s.</summary>
+    public TimeSpan PromotionTimeout { get; set; } = TimeSpan.FromSeconds(1);
+
+    /// <summary>Most requests promoted from lower tiers at once. Defaults to 256.</summary>
+    [Range(1, 65536)]
+    public int MaxPromotions { get; set; } = 256;
+
     /// <summary>How long a lookup's lease protects its chunks from eviction. Defaults to 60 s.</summary>
     public TimeSpan LeaseTtl { get; set; } = TimeSpan.FromSeconds(60);
 

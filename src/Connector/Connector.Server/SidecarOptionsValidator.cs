@@ -32,6 +32,11 @@ internal sealed class SidecarOptionsValidator : IValidateOptions<SidecarOptions>
             failures.Add($"Sidecar:ExtentBytes ({options.ExtentBytes}) is larger than Sidecar:CapacityBytes ({options.CapacityBytes}); lower it or raise the capacity.");
         }
 
+        if (options.PromotionTimeout <= TimeSpan.Zero || options.PromotionTimeout > TimeSpan.FromMinutes(1))
+        {
+            failures.Add("Sidecar:PromotionTimeout must be positive and at most a minute (vLLM waits that long for a pending lookup), e.g. 00:00:01.");
+        }
+
         if (options.LeaseTtl <= TimeSpan.Zero)
         {
             failures.Add("Sidecar:LeaseTtl must be positive, e.g. 00:01:00.");
