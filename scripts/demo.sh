@@ -10,4 +10,7 @@ bash scripts/setup.sh
 echo "== building the sidecar"
 KVSIDECAR_BIN="$(bash scripts/publish.sh)"
 export KVSIDECAR_BIN
-exec /usr/bin/python3 integration/demo/multi_round_qa.py --sidecar-bin "$KVSIDECAR_BIN" "$@"
+/usr/bin/python3 integration/demo/multi_round_qa.py --sidecar-bin "$KVSIDECAR_BIN" "$@"
+echo
+echo "== the same conversations with an L1 too small for them: alone, over a disk tier, over a Redis tier"
+exec /usr/bin/python3 integration/demo/multi_round_qa.py --sidecar-bin "$KVSIDECAR_BIN" --compare-tiers

@@ -53,13 +53,25 @@ def main(argv=None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=64)
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--compare-tiers", action="store_true",
+                    help="run the workload three times with an L1 too small for it: L1 alone, L1 + a local disk tier, "
+                         "and L1 + a Redis tier on a fresh redis-server (when installed); print the hit rates")
+    ap.add_argument("--l1-bytes", type=int, default=1 << 30, help="the sidecar's L1 capacity")
     args = ap.parse_args(argv)
     if args.sidecar_bin:
         os.environ["KVSIDECAR_BIN"] = args.sidecar_bin
     ensure_import_paths()
+    if args.compare_tiers:
+        return compare_tiers(args)
+    return run_demo(args)
+
+
+def run_demo(args, sidecar_args=(), label=None, quiet=False) -> int:
+    """Runs the workload once against a sidecar started with ``sidecar_args`` (or the one on ``--socket``)."""
     from vllm.v1.request import Request
 
-    sidecar = None if args.socket else SidecarProcess(capacity_bytes=1 << 30)
+    sidecar = None if args.socket else SidecarProcess(capacity_bytes=args.l1_bytes, extra_args=list(sidecar_args),
+                                                      extent_bytes=max(1 << 20, min(args.l1_bytes // 4, 64 << 20)))
     socket_path = args.socket or sidecar.socket_path
     longest = args.system_tokens + args.rounds * (args.question_tokens + args.answer_tokens)
     opts = EngineOptions(era="blocks_first", tp=args.tp, num_blocks=args.users * (longest // 16 + 8),
@@ -69,8 +81,9 @@ def main(argv=None) -> int:
     ideal = IdealCache(args.chunk_tokens, opts.block_size)
     system = tokens(args.system_tokens, 1)
     history = {u: list(system) for u in range(args.users)}
-    print(f"kvsidecar demo: {args.users} users x {args.rounds} rounds, system prompt {args.system_tokens} tokens, "
-          f"{args.chunk_tokens}-token chunks, TP={args.tp}, socket {socket_path}")
+    print(f"kvsidecar demo{' (' + label + ')' if label else ''}: {args.users} users x {args.rounds} rounds, system "
+          f"prompt {args.system_tokens} tokens, {args.chunk_tokens}-token chunks, TP={args.tp}, L1 {args.l1_bytes >> 20} "
+          f"MiB, socket {socket_path}")
     print(f"{'round':>5} {'prompt tok':>10} {'from sidecar':>12} {'recomputed':>10} {'hit rate':>8} {'ideal':>8}")
     ok = True
     started = time.monotonic()
@@ -130,12 +143,62 @@ def main(argv=None) -> int:
         if engine.mismatches:
             print("KV MISMATCHES:", engine.mismatches[:5])
             ok = False
-        print("hit rate equals the ideal in every round" if ok else "HIT RATE BELOW THE IDEAL")
+        for t in (s.get("tiers") or []) if s else []:
+            t = dict(zip(p.TIER_STATS_FIELDS, t))
+            print(f"tier {t['name']} ({t['policy']}): {t['chunks']} chunks ({t['used_bytes'] / mib:.1f} MiB), "
+                  f"written {t['writes']} (dropped {t['drops']}, not admitted {t['not_admitted']}), promoted into L1 "
+                  f"{t['promotions']}, corrupt {t['corrupt']}, errors {t['errors']}")
+        if not quiet:
+            print("hit rate equals the ideal in every round" if ok else "HIT RATE BELOW THE IDEAL")
+        args.last_result = (total_hit, total_prompt)
     finally:
         engine.close()
         if sidecar is not None:
             sidecar.stop()
     return 0 if ok else 1
+
+
+def compare_tiers(args) -> int:
+    """The same workload with an L1 that holds one conversation but not all: alone, over a disk tier, over a Redis tier."""
+    import shutil
+    import socket as so
+    import subprocess
+    import tempfile
+
+    # 64-token chunks of 256 KiB: a 12 MiB L1 holds about half of the conversations' distinct chunks.
+    args.l1_bytes = 12 << 20
+    args.chunk_tokens = 64
+    args.socket = None
+    rows = []
+    disk = tempfile.mkdtemp(prefix="kvsc-demo-disk-")
+    redis = None
+    try:
+        configs = [("L1 only", []),
+                   ("L1 + disk", [f"--Sidecar:Disk:Path={disk}", "--Sidecar:Disk:AdmitAfterSightings=1"])]
+        if shutil.which("redis-server"):
+            with so.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            configs.append(("L1 + Redis", [f"--Sidecar:Redis:Configuration=127.0.0.1:{port}"]))
+        for label, extra in configs:
+            run_demo(args, extra, label, quiet=True)
+            rows.append((label,) + args.last_result)
+            print()
+    finally:
+        if redis is not None:
+            redis.kill()
+            redis.wait()
+        shutil.rmtree(disk, ignore_errors=True)
+    print(f"{'configuration':<14} {'prefill tokens saved':>22} {'of':>8} {'hit rate':>9}")
+    for label, hit, total in rows:
+        print(f"{label:<14} {hit:>22} {total:>8} {hit / total:>9.1%}")
+    base = rows[0][1]
+    better = all(hit > base for _, hit, _ in rows[1:])
+    print("the tiers below L1 keep hits that L1 alone loses" if better else "NO TIER KEPT MORE THAN L1 ALONE")
+    return 0 if better else 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ namespace Connector.Benchmarks;
 
 /// <summary>
 /// Benchmark commands. Each prints its figures next to a baseline measured in the same run (these
-/// machines are noisy: compare the ratios). Usage: Connector.Benchmarks [all|lookup|storeload|hash|gather|tier] [--json] [--quick]
+/// machines are noisy: compare the ratios). Usage: Connector.Benchmarks [all|lookup|storeload|hash|gather|tier|disk|redis] [--json] [--quick]
 /// </summary>
 internal static class Program
 {
@@ -17,6 +17,12 @@ internal static class Program
         bool json = args.Contains("--json");
         bool quick = args.Contains("--quick");
         string command = args.FirstOrDefault(a => !a.StartsWith("--", StringComparison.Ordinal)) ?? "all";
+        if (command == "redis")
+        {
+            // Its own options (--server, --sizes, --piece, --pipeline, --clients): docs/storage-redis.md.
+            return Redis.RedisTierBenchmark.Run(args);
+        }
+
         var results = new Dictionary<string, IReadOnlyDictionary<string, double>>();
         var commands = new Dictionary<string, Func<IReadOnlyDictionary<string, double>>>
         {
@@ -25,9 +31,11 @@ internal static class Program
             ["gather"] = () => Benchmarks.Memory.GatherBenchmark.Run(),
             ["lookup"] = () => LookupLatencyBenchmark.Run(quick ? 2_000 : 20_000),
             ["storeload"] = () => StoreLoadBenchmark.Run(quick ? 2 : 5),
+            ["disk"] = () => Disk.DiskTierBenchmark.Measure(null, quick, dropCaches: false),
         };
 
-        IEnumerable<string> selected = command == "all" ? commands.Keys : [command];
+        // "all" leaves out the storage tiers: they need dd on a real disk and redis-server (docs/storage-*.md).
+        IEnumerable<string> selected = command == "all" ? commands.Keys.Where(k => k is not "disk") : [command];
         foreach (string name in selected)
         {
             if (!commands.TryGetValue(name, out var run))

@@ -2,6 +2,7 @@ using Connector.Core.Caching;
 using Connector.Cuda;
 using Connector.Core.Memory;
 using Connector.Core.Storage;
+using Connector.Core.Storage.Tiers;
 using Connector.Server;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
@@ -51,6 +52,12 @@ internal static class Program
             await Console.Error.WriteLineAsync("kvsidecar: invalid configuration:\n  " + string.Join("\n  ", ex.Failures));
             return 2;
         }
+        catch (ArgumentException ex)
+        {
+            // A storage tier's settings (Sidecar:Disk, Sidecar:Redis), validated when the tier is built.
+            await Console.Error.WriteLineAsync($"kvsidecar: invalid configuration:\n  {ex.Message}");
+            return 2;
+        }
         catch (Exception ex) when (ex is InvalidOperationException or IOException or UnauthorizedAccessException or System.Net.Sockets.SocketException or FormatException)
         {
             await Console.Error.WriteLineAsync($"kvsidecar: cannot start: {ex.Message}");
@@ -75,6 +82,11 @@ internal static class Program
           --max-frame-bytes N      largest request frame (default 64 MiB, at most 1 GiB)
           --config FILE            a JSON settings file ({"Sidecar": {...}})
           --Sidecar:NAME=VALUE     any setting, e.g. --Sidecar:HelloTimeout=00:00:05, --Sidecar:MaxSaltBytes=256
+          --Sidecar:Disk:Path=DIR  a local disk tier below memory (Sidecar:Disk:*, docs/storage-disk.md)
+          --Sidecar:Redis:Configuration=HOST:PORT[,HOST:PORT]
+                                   a Redis/Valkey (cluster) tier shared across machines (Sidecar:Redis:*, docs/storage-redis.md)
+          --Sidecar:Gpu=auto|off|required
+                                   the GPU data plane (docs/gpu.md)
           --help, --version        print this text or the version, and exit
 
         Every setting can also come from KVSIDECAR_Sidecar__NAME environment variables. See README.md and docs/security.md.
@@ -116,10 +128,20 @@ internal static class Program
         builder.Services.AddSingleton(sp => new GpuDataPlaneHolder(CreateDataPlane(
             sp.GetRequiredService<IOptions<SidecarOptions>>().Value,
             sp.GetRequiredService<ILoggerFactory>().CreateLogger("Connector.Sidecar.Gpu"))));
+        builder.Services.AddSingleton(sp => StorageTiers.Create(
+            builder.Configuration, sp.GetRequiredService<IOptions<SidecarOptions>>().Value, sp.GetRequiredService<ILoggerFactory>()));
         builder.Services.AddSingleton(sp =>
         {
             SidecarOptions o = sp.GetRequiredService<IOptions<SidecarOptions>>().Value;
-            var tierOptions = new HostTierOptions { CapacityBytes = o.CapacityBytes, ExtentBytes = o.ExtentBytes, LeaseTtl = o.LeaseTtl, Pinner = sp.GetRequiredService<GpuDataPlaneHolder>().Plane?.Pinner };
+            TierChain chain = sp.GetRequiredService<TierChain>();
+            var tierOptions = new HostTierOptions
+            {
+                CapacityBytes = o.CapacityBytes,
+                ExtentBytes = o.ExtentBytes,
+                LeaseTtl = o.LeaseTtl,
+                Pinner = sp.GetRequiredService<GpuDataPlaneHolder>().Plane?.Pinner,
+                EvictionSink = chain.Slots.Count > 0 ? chain : null,
+            };
             return new HostMemoryTier(tierOptions, sp.GetRequiredService<TimeProvider>());
         });
         builder.Services.AddSingleton<IEngineMemoryProvider, HostProcessMemoryProvider>();
@@ -129,7 +151,9 @@ internal static class Program
             sp.GetRequiredService<HostMemoryTier>(),
             sp.GetServices<IEngineMemoryProvider>().Where(p => p != NoGpu.Instance),
             sp.GetRequiredService<IOptions<SidecarOptions>>().Value.ToCacheLimits(),
-            sp.GetRequiredService<CopyThreads>()));
+            sp.GetRequiredService<CopyThreads>(),
+            sp.GetRequiredService<TierChain>(),
+            StorageTiers.Tiering(sp.GetRequiredService<IOptions<SidecarOptions>>().Value)));
         builder.Services.AddHostedService<UnixSocketServer>();
         return builder.Build();
     }

@@ -2,11 +2,10 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
-using System.Text.Json;
 using System.Text.RegularExpressions;
 using Connector.Core.Keys;
 using Connector.Core.Storage.Tiers;
-using Microsoft.Extensions.Logging;
+using Connector.Storage.Disk;
 using Microsoft.Extensions.Logging.Abstractions;
 
 namespace Connector.Benchmarks.Disk;
@@ -14,50 +13,11 @@ namespace Connector.Benchmarks.Disk;
 /// <summary>
 /// The disk tier against <c>dd</c> on the same filesystem in the same run: sequential write and read throughput of 2 MiB and
 /// 16 MiB chunks (O_DIRECT on both sides), and the time to reopen a tier of 100,000 chunks (from index files, and with the
-/// newest segment scanned as after a crash). Usage: <c>disk [--dir PATH] [--quick] [--json] [--drop-caches]</c>; the
-/// directory defaults to one under the system temp directory and is deleted afterwards.
+/// newest segment scanned as after a crash). Run as <c>Connector.Benchmarks disk [--quick] [--json]</c>; the
+/// directory is one under the system temp directory, deleted afterwards.
 /// </summary>
-/// <remarks>
-/// The tier is built by reflection and driven through <see cref="IChunkTier"/>, so this project compiles without a
-/// reference to Connector.Storage.Disk; it runs once the reference is there (<see cref="Run"/> says so otherwise).
-/// </remarks>
 public static partial class DiskTierBenchmark
 {
-    private const string TierType = "Connector.Storage.Disk.DiskTier, Connector.Storage.Disk";
-    private const string OptionsType = "Connector.Storage.Disk.DiskTierOptions, Connector.Storage.Disk";
-
-    private static readonly JsonSerializerOptions JsonOptions = new() { WriteIndented = true };
-
-    /// <summary>Runs the benchmark and prints its figures (text, or JSON with <c>--json</c>); returns the exit code.</summary>
-    public static int Run(string[] args)
-    {
-        ArgumentNullException.ThrowIfNull(args);
-        if (Type.GetType(TierType) is null)
-        {
-            Console.Error.WriteLine("disk: the disk tier assembly is not referenced; add <ProjectReference Include=\"../../src/Storage/Connector.Storage.Disk/Connector.Storage.Disk.csproj\" /> to Connector.Benchmarks.csproj");
-            return 2;
-        }
-
-        bool json = args.Contains("--json");
-        int at = Array.IndexOf(args, "--dir");
-        string? directory = at >= 0 && at + 1 < args.Length ? args[at + 1] : null;
-        IReadOnlyDictionary<string, double> figures = Measure(directory, args.Contains("--quick"), args.Contains("--drop-caches"));
-        if (json)
-        {
-            Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, IReadOnlyDictionary<string, double>> { ["disk"] = figures }, JsonOptions));
-        }
-        else
-        {
-            Console.WriteLine("== disk");
-            foreach (var (key, value) in figures)
-            {
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {key,-44} {value,14:0.###}"));
-            }
-        }
-
-        return 0;
-    }
-
     /// <summary>Measures; every throughput is in MiB/s of chunk payload, every time in milliseconds.</summary>
     public static IReadOnlyDictionary<string, double> Measure(string? directory = null, bool quick = false, bool dropCaches = false)
     {
@@ -113,8 +73,8 @@ public static partial class DiskTierBenchmark
                 Directory.Delete(tierDir, recursive: true);
             }
 
-            using IChunkTier tier = OpenTier(tierDir, Math.Max(4L << 30, 2L * (count + warmUp) * chunkBytes));
-            direct = Property<bool>(tier, "DirectIo");
+            using DiskTier tier = OpenTier(tierDir, Math.Max(4L << 30, 2L * (count + warmUp) * chunkBytes));
+            direct = tier.DirectIo;
             byte[] payload = RandomNumberGenerator.GetBytes(chunkBytes);
 
             // Warm-up, not timed: the write queue's aligned buffers are allocated and first touched (page faults) once;
@@ -163,7 +123,7 @@ public static partial class DiskTierBenchmark
     }
 
     /// <summary>Reads every chunk into aligned native memory (as into L1 slabs), <paramref name="readers"/> at a time; MiB/s.</summary>
-    private static double ReadAll(IChunkTier tier, TierKey[] keys, int chunkBytes, int readers)
+    private static double ReadAll(DiskTier tier, TierKey[] keys, int chunkBytes, int readers)
     {
         var slabs = new nint[readers];
         for (int r = 0; r < readers; r++)
@@ -206,7 +166,7 @@ public static partial class DiskTierBenchmark
     {
         // 1,000-chunk prompts of 64-byte chunks: one 4 KiB record each, the most records per byte the format allows.
         string dir = Path.Combine(root, "recovery");
-        using (IChunkTier tier = OpenTier(dir, 4L << 30))
+        using (DiskTier tier = OpenTier(dir, 4L << 30))
         {
             WriteAll(tier, Keys(chunks, 64, 9, chainLength: 1_000), new byte[64]);
         }
@@ -221,9 +181,9 @@ public static partial class DiskTierBenchmark
     {
         DropCaches(dropCaches);
         long t0 = Stopwatch.GetTimestamp();
-        using IChunkTier tier = OpenTier(dir, 4L << 30);
+        using DiskTier tier = OpenTier(dir, 4L << 30);
         double ms = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-        long recovered = Property<long>(tier, "RecoveredChunks");
+        long recovered = tier.RecoveredChunks;
         if (recovered != expected)
         {
             throw new InvalidOperationException($"recovered {recovered} of {expected} chunks");
@@ -233,23 +193,20 @@ public static partial class DiskTierBenchmark
     }
 
     /// <summary>A disk tier in <paramref name="dir"/> that writes every chunk at first sight, with the default segment and queue sizes.</summary>
-    private static IChunkTier OpenTier(string dir, long capacityBytes)
+    private static DiskTier OpenTier(string dir, long capacityBytes)
     {
-        object options = Activator.CreateInstance(Type.GetType(OptionsType, throwOnError: true)!)!;
-        SetProperty(options, "Path", dir);
-        SetProperty(options, "CapacityBytes", capacityBytes);
-        SetProperty(options, "AdmitAfterSightings", 1);
-        var tier = (IChunkTier)Activator.CreateInstance(Type.GetType(TierType, throwOnError: true)!, options, (ILogger)NullLogger.Instance, null)!;
-        if (!Property<bool>(tier, "IsAvailable"))
+        var tier = new DiskTier(new DiskTierOptions { Path = dir, CapacityBytes = capacityBytes, AdmitAfterSightings = 1 }, NullLogger.Instance);
+        if (!tier.IsAvailable)
         {
-            throw new InvalidOperationException($"the disk tier cannot use {dir}: {Property<string>(tier, "UnavailableReason")}");
+            tier.Dispose();
+            throw new InvalidOperationException($"the disk tier cannot use {dir}: {tier.UnavailableReason}");
         }
 
         return tier;
     }
 
     /// <summary>Offers every chunk (waiting out a full queue) and returns once all are written.</summary>
-    private static void WriteAll(IChunkTier tier, TierKey[] keys, byte[] payload)
+    private static void WriteAll(DiskTier tier, TierKey[] keys, byte[] payload)
     {
         long before = tier.GetStats().Writes;
         // Sleeping, not spinning, on a full queue: the queue holds 256 MiB, far more than a millisecond of writing, and the
@@ -274,10 +231,6 @@ public static partial class DiskTierBenchmark
             throw new InvalidOperationException($"wrote {written} of {keys.Length} chunks");
         }
     }
-
-    private static T Property<T>(object target, string name) => (T)target.GetType().GetProperty(name)!.GetValue(target)!;
-
-    private static void SetProperty(object target, string name, object value) => target.GetType().GetProperty(name)!.SetValue(target, value);
 
     private static TierKey[] Keys(int count, long length, byte salt, int chainLength = 64)
     {

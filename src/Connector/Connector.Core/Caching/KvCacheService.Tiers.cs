@@ -137,12 +137,26 @@ public sealed partial class KvCacheService
     private async Task PromoteAsync(Promotion promotion, PromotionPlan[] plan, long chunkBytes)
     {
         CancellationToken cancellation = promotion.Token;
+        IReadOnlyList<TierSlot> slots = _chain!.Slots;
         foreach (PromotionPlan rank in plan)
         {
-            for (int i = rank.L1Hit; i < rank.Keys.Length && !cancellation.IsCancellationRequested; i++)
+            var keys = new TierKey[rank.Keys.Length - rank.L1Hit];
+            for (int i = rank.L1Hit; i < rank.Keys.Length; i++)
             {
-                var key = new TierKey(rank.Keys[i], i == 0 ? ChunkKey.None : rank.Keys[i - 1], rank.Tag, chunkBytes);
-                if (!await PromoteChunkAsync(promotion, key, cancellation).ConfigureAwait(false))
+                keys[i - rank.L1Hit] = new TierKey(rank.Keys[i], i == 0 ? ChunkKey.None : rank.Keys[i - 1], rank.Tag, chunkBytes);
+            }
+
+            // Remote tiers are asked once per rank how far they hold the prompt, so no L1 slab is reserved (possibly
+            // evicting a useful chunk) for a chunk they do not have.
+            int[] remote = new int[slots.Count];
+            for (int t = 0; t < slots.Count; t++)
+            {
+                remote[t] = slots[t].Tier.HasLocalIndex ? int.MaxValue : await ProbeAsync(slots[t].Tier, keys, cancellation).ConfigureAwait(false);
+            }
+
+            for (int k = 0; k < keys.Length && !cancellation.IsCancellationRequested; k++)
+            {
+                if (!await PromoteChunkAsync(promotion, keys[k], k, remote, cancellation).ConfigureAwait(false))
                 {
                     break; // the prefix ends here for this rank
                 }
@@ -150,13 +164,25 @@ public sealed partial class KvCacheService
         }
     }
 
-    private async Task<bool> PromoteChunkAsync(Promotion promotion, TierKey key, CancellationToken cancellation)
+    private static async Task<int> ProbeAsync(IChunkTier tier, TierKey[] keys, CancellationToken cancellation)
+    {
+        try
+        {
+            return await tier.ProbePrefixAsync(keys, cancellation).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            return 0;
+        }
+    }
+
+    private async Task<bool> PromoteChunkAsync(Promotion promotion, TierKey key, int position, int[] remote, CancellationToken cancellation)
     {
         IReadOnlyList<TierSlot> slots = _chain!.Slots;
         for (int t = 0; t < slots.Count; t++)
         {
             IChunkTier tier = slots[t].Tier;
-            if (tier.HasLocalIndex && tier.CountPresentPrefix([key]) == 0)
+            if (tier.HasLocalIndex ? tier.CountPresentPrefix([key]) == 0 : position >= remote[t])
             {
                 continue;
             }
