@@ -28,10 +28,10 @@ def prompt(n, seed):
     return [(seed * 7919 + i * 104729) % 30000 + 1000 for i in range(n)]
 
 
-def run(engine, req_id, tokens):
+def run(engine, req_id, tokens, salt=None):
     from vllm.v1.request import Request
 
-    engine.add(Request(req_id, tokens, max_tokens=3))
+    engine.add(Request(req_id, tokens, max_tokens=3, cache_salt=salt))
     engine.run()
     assert req_id in {r.request_id for r in engine.scheduler.finished}
     assert engine.mismatches == [], "the forward read wrong KV:\n" + "\n".join(engine.mismatches)
@@ -101,6 +101,21 @@ def test_disk_keeps_what_l1_evicted_and_serves_it_exactly_after_a_pending_lookup
         disk = stats(s.socket_path)["tiers"][0]
         assert disk["name"] == "disk" and disk["policy"] == "write-back"
         assert disk["promotions"] > 0 and disk["corrupt"] == 0
+    finally:
+        s.stop()
+
+
+def test_a_tenant_never_gets_another_tenants_chunks_from_the_disk(engines, disk_dir):
+    s = disk_sidecar(disk_dir)
+    try:
+        e = engines(s.socket_path)
+        a = prompt(300, 7)
+        run(e, "tenant-a", a, salt="tenant-a")
+        for i in range(4):
+            run(e, f"other{i}", prompt(300, 20 + i), salt="tenant-a")
+        wait_for(lambda: stats(s.socket_path)["tiers"][0]["writes"] >= 4, "tenant A's chunks on disk")
+        assert run(e, "tenant-b", a, salt="tenant-b").num_external_computed_tokens == 0
+        assert run(e, "tenant-a-again", a, salt="tenant-a").num_external_computed_tokens == 256
     finally:
         s.stop()
 
