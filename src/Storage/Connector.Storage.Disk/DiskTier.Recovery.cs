@@ -39,14 +39,7 @@ public sealed partial class DiskTier
             DiskTierLog.Unavailable(_logger, _path, failure);
             lock (_lock)
             {
-                foreach (Segment segment in _segments)
-                {
-                    segment.Retired = true;
-                    segment.Release();
-                }
-
-                _segments.Clear();
-                _index.Clear();
+                RetireAllSegmentsLocked();
                 _footprint = 0;
             }
 

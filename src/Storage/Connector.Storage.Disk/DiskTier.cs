@@ -441,14 +441,7 @@ public sealed partial class DiskTier : IChunkTier
         TierStats stats = GetStats();
         lock (_lock)
         {
-            foreach (Segment segment in _segments)
-            {
-                segment.Retired = true;
-                segment.Release();
-            }
-
-            _segments.Clear();
-            _index.Clear();
+            RetireAllSegmentsLocked();
         }
 
         _lockFile?.Dispose();
@@ -710,5 +703,18 @@ public sealed partial class DiskTier : IChunkTier
         public ControlKind Kind { get; } = kind;
 
         public TaskCompletionSource<long> Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    /// <summary>Forgets every segment and index entry (the files stay); the caller holds <c>_lock</c>.</summary>
+    private void RetireAllSegmentsLocked()
+    {
+        foreach (Segment segment in _segments)
+        {
+            segment.Retired = true;
+            segment.Release();
+        }
+
+        _segments.Clear();
+        _index.Clear();
     }
 }
