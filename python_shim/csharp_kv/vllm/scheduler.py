@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class _Req:
     """What the scheduler side remembers about one request."""
 
-    __slots__ = ("request", "lookup_fut", "lookup_key", "lookup_started", "answer", "lease_id", "n_local",
+    __slots__ = ("request", "lookup_fut", "lookup_key", "lookup_started", "pending_since", "answer", "lease_id", "n_local",
                  "load_op", "load_blocks", "load_failed", "block_ids", "stored_chunks", "num_computed",
                  "stores_planned")
 
@@ -28,6 +28,7 @@ class _Req:
         self.lookup_fut = None
         self.lookup_key: Optional[Tuple[int, int]] = None
         self.lookup_started = 0.0
+        self.pending_since = 0.0  # when the sidecar first answered "pending" (promoting from lower tiers)
         self.answer: Optional[Tuple[int, bool]] = None
         self.lease_id = 0
         self.n_local = 0
@@ -112,6 +113,13 @@ class SchedulerSide:
             self.stats["lookup_errors"] += 1
             return self._answer(st, key, 0, num_computed_tokens, 0)
         if reply.get(3, 0) == p.LookupState.PENDING:
+            # Lower tiers are being promoted into the sidecar's memory: ask again next step, but never for longer
+            # than lookup_timeout_ms in all (the sidecar bounds it too).
+            now = time.monotonic()
+            st.pending_since = st.pending_since or st.lookup_started
+            if now - st.pending_since > self.cfg.lookup_timeout_ms / 1000:
+                self.stats["lookup_timeouts"] += 1
+                return self._answer(st, key, 0, num_computed_tokens, 0)
             st.lookup_fut = None  # ask again next time
             self.stats["lookup_not_yet"] += 1
             return None, False
@@ -128,6 +136,8 @@ class SchedulerSide:
         tokens = p.tokens_to_bytes(request.all_token_ids[:full])
         st.lookup_fut = self.client.submit(p.Opcode.LOOKUP, p.lookup(request.request_id, request.cache_salt, tokens,
                                                                      True))
+        if st.lookup_key != key:
+            st.pending_since = 0.0  # a new question: its own time limit
         st.lookup_key = key
         st.lookup_started = time.monotonic()
         st.answer = None

@@ -47,8 +47,8 @@ public sealed class SidecarOptions
     [RegularExpression("^(write-back|write-through)$", ErrorMessage = "Sidecar:RedisWritePolicy must be write-back or write-through.")]
     public string RedisWritePolicy { get; set; } = "write-through";
 
-    /// <summary>How long a LOOKUP answers "pending" while chunks are promoted from lower tiers. Defaults to 1 s.</summary>
-    public TimeSpan PromotionTimeout { get; set; } = TimeSpan.FromSeconds(1);
+    /// <summary>How long a LOOKUP answers "pending" while chunks are promoted from lower tiers. Defaults to 500 ms (the shim gives up after its lookup_timeout_ms, 1 s).</summary>
+    public TimeSpan PromotionTimeout { get; set; } = TimeSpan.FromMilliseconds(500);
 
     /// <summary>Most requests promoted from lower tiers at once. Defaults to 256.</summary>
     [Range(1, 65536)]

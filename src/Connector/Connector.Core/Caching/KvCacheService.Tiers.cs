@@ -9,8 +9,8 @@ namespace Connector.Core.Caching;
 /// <summary>Settings of promotion from the tiers below L1.</summary>
 public sealed record TieringOptions
 {
-    /// <summary>How long a LOOKUP answers "pending" while chunks are promoted; after it the answer is what L1 holds. Default 1 s.</summary>
-    public TimeSpan PromotionTimeout { get; init; } = TimeSpan.FromSeconds(1);
+    /// <summary>How long a LOOKUP answers "pending" while chunks are promoted; after it the answer is what L1 holds. Default 500 ms.</summary>
+    public TimeSpan PromotionTimeout { get; init; } = TimeSpan.FromMilliseconds(500);
 
     /// <summary>Most requests promoted at once; a lookup beyond it is answered from L1 alone. Default 256.</summary>
     public int MaxPromotions { get; init; } = 256;
