@@ -208,8 +208,8 @@ public sealed class DataPlaneTests : IDisposable
     [Fact]
     public void L1Extents_ArePinned_AndAPinRefusalFallsBackToPageable()
     {
-        EngineRegistration reg = Register(_cache, _engine, _kv, _handle);
         long pinnedBefore = Plane.Pinner!.PinnedBytes;
+        EngineRegistration reg = Register(_cache, _engine, _kv, _handle); // may pin the first extent in the background
         Assert.Equal(1, _cache.Store(reg, "r", null, ChunkSource.FromTokens(Tokens(ChunkTokens)), 0, 1, [0, 1], CopyDeadline.None).Stored);
         Assert.True(Plane.Pinner.PinnedBytes >= pinnedBefore + (4L << 20));
 
@@ -220,7 +220,7 @@ public sealed class DataPlaneTests : IDisposable
         EngineRegistration other = Register(cache, _engine, _kv, _handle);
         uint[] tokens = Tokens(ChunkTokens, seed: 7);
         Assert.Equal(1, cache.Store(other, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [2, 3], CopyDeadline.None).Stored);
-        Assert.Equal(failures + 1, Plane.Pinner.Failures);
+        Assert.True(Plane.Pinner.Failures > failures);
         Assert.Equal(1, cache.Load(other, "r", null, ChunkSource.FromTokens(tokens), 0, 1, [30, 31], CopyDeadline.None));
         AssertBlocksEqual(_engine, _kv, [2, 3], [30, 31]);
         cache.Unregister(other);

@@ -172,7 +172,24 @@ public sealed partial class KvCacheService : IDisposable
 
         var registration = new EngineRegistration(Interlocked.Increment(ref _nextRegistrationId), sessionId, instanceId, baseNs, geometry, memory, _limits.MaxCachedSaltsPerRegistration);
         _registrations.Add(registration);
+
+        // Off the REGISTER path: allocating (and pinning, on a GPU machine) the first L1 extent for this chunk size
+        // takes milliseconds that the first stores would otherwise pay.
+        long chunkBytes = geometry.ChunkBytes;
+        ThreadPool.UnsafeQueueUserWorkItem(_ => Prewarm(chunkBytes), null);
         return registration;
+    }
+
+    private void Prewarm(long chunkBytes)
+    {
+        try
+        {
+            _tier.Prewarm(chunkBytes);
+        }
+        catch (Exception ex) when (ex is OutOfMemoryException or ObjectDisposedException)
+        {
+            // Best effort: the first store allocates the extent instead.
+        }
     }
 
     /// <summary>Ends a registration; in-flight copies finish first.</summary>

@@ -118,6 +118,20 @@ public sealed partial class HostMemoryTier : IDisposable
         }
     }
 
+    /// <summary>
+    /// Prepares the first extent for chunks of <paramref name="bytes"/> (allocated, and pinned where a GPU is present),
+    /// so the first stores after a registration do not pay for it. Nothing happens if that size has an extent already
+    /// or the budget has no room.
+    /// </summary>
+    /// <returns>Whether an extent was allocated.</returns>
+    public bool Prewarm(long bytes)
+    {
+        lock (_lock)
+        {
+            return !_disposed && bytes > 0 && bytes <= _options.CapacityBytes && _arena.Prewarm(bytes);
+        }
+    }
+
     /// <summary>Makes a reserved chunk visible to lookups and loads.</summary>
     public void CommitStore(in SlabRef slab)
     {

@@ -63,6 +63,22 @@ internal sealed unsafe partial class SlabArena : IDisposable
         return true;
     }
 
+    /// <summary>Allocates (and pins) an extent for <paramref name="slabBytes"/> slabs if that size has none yet and the budget allows.</summary>
+    public bool Prewarm(long slabBytes)
+    {
+        SlabClass c = ClassOf(slabBytes);
+        if (c.Extents.Count > 0 || !ExtentFits(slabBytes))
+        {
+            return false;
+        }
+
+        nint address = Allocate(c.ExtentBytes);
+        _pinner?.TryPin(address, c.ExtentBytes);
+        c.Extents.Add(new Extent(c, address, c.ExtentBytes, (int)(c.ExtentBytes / slabBytes)));
+        _allocated += c.ExtentBytes;
+        return true;
+    }
+
     /// <summary>Whether a new extent for this slab size fits the budget now.</summary>
     public bool ExtentFits(long slabBytes) => _allocated + MetadataBytes + ClassOf(slabBytes).ExtentBytes <= _capacity;
 
