@@ -48,6 +48,7 @@ internal sealed class SidecarConnection : IDisposable
     private Thread? _writer;
     private int _dropped;
     private volatile bool _closing;
+    private volatile bool _disposed;
     private volatile bool _draining;
 
     public SidecarConnection(long sessionId, Socket socket, ProcessIdentity peer, KvCacheService cache, InstanceClaims claims, CopyThreads copyThreads, ServerCounters counters, SidecarOptions options, ILogger logger)
@@ -127,6 +128,7 @@ internal sealed class SidecarConnection : IDisposable
 
     public void Dispose()
     {
+        _disposed = true;
         _socket.Dispose();
         _copySlots.Dispose();
         _inFlight.Dispose();
@@ -360,14 +362,13 @@ internal sealed class SidecarConnection : IDisposable
         }
         catch (Exception ex)
         {
-            CopyFailed(header, ex);
-            EndCopy(bytes);
+            FinishCopy(header, null, ex, bytes);
             return;
         }
 
-        if (pending.IsCompleted)
+        if (pending.IsCompletedSuccessfully)
         {
-            FinishCopy(header, pending, bytes);
+            FinishCopy(header, pending.Result, null, bytes);
             return;
         }
 
@@ -377,30 +378,45 @@ internal sealed class SidecarConnection : IDisposable
 
     private async Task AwaitCopyAsync(FrameHeader header, ValueTask<object> pending, long bytes)
     {
+        object? reply = null;
+        Exception? failure = null;
         try
         {
-            await pending.ConfigureAwait(false);
+            reply = await pending.ConfigureAwait(false);
         }
-        catch (Exception)
+        catch (Exception ex)
         {
-            // Observed in FinishCopy.
+            failure = ex;
         }
 
-        FinishCopy(header, pending, bytes);
+        FinishCopy(header, reply, failure, bytes);
     }
 
-    private void FinishCopy(FrameHeader header, ValueTask<object> done, long bytes)
+    /// <summary>Sends a copy's reply (or its error) and ends its accounting, exactly once, whatever happens.</summary>
+    private void FinishCopy(FrameHeader header, object? reply, Exception? failure, long bytes)
     {
         try
         {
-            object reply = done.Result;
+            if (failure is not null)
+            {
+                CopyFailed(header, failure);
+                return;
+            }
+
             var frame = new ArrayBufferWriter<byte>(64);
-            new FrameWriter().WriteReply(frame, header.Opcode, header.RequestId, reply);
+            new FrameWriter().WriteReply(frame, header.Opcode, header.RequestId, reply!);
             Enqueue(frame.WrittenSpan.ToArray());
         }
         catch (Exception ex)
         {
-            CopyFailed(header, ex);
+            try
+            {
+                CopyFailed(header, ex);
+            }
+            catch (Exception inner) when (inner is ObjectDisposedException or InvalidOperationException)
+            {
+                // The connection is gone; nobody reads the error.
+            }
         }
         finally
         {
@@ -468,7 +484,8 @@ internal sealed class SidecarConnection : IDisposable
     /// <summary>Queues a copy's reply for the writer thread: a copy thread never blocks on a client's socket.</summary>
     private void Enqueue(byte[] frame)
     {
-        if (Volatile.Read(ref _dropped) != 0)
+        // A copy that outlived the connection (shutdown gave up waiting for it) has nobody to answer.
+        if (Volatile.Read(ref _dropped) != 0 || _disposed)
         {
             return;
         }
@@ -489,7 +506,14 @@ internal sealed class SidecarConnection : IDisposable
             }
         }
 
-        _outboundReady.Release();
+        try
+        {
+            _outboundReady.Release();
+        }
+        catch (ObjectDisposedException)
+        {
+            // Disposed between the check above and here.
+        }
     }
 
     private void WriteLoop()

@@ -39,29 +39,29 @@ internal sealed class CopyQueue : IDisposable
         var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_enqueue)
         {
-            CudaEvent ev = _events.TryTake(out CudaEvent? pooled) ? pooled : CudaEvent.Create(_context);
+            CudaEvent? ev = null;
             try
             {
+                ev = _events.TryTake(out CudaEvent? pooled) ? pooled : CudaEvent.Create(_context);
                 ev.Record(Stream);
+                _pending.Add((ev, done));
             }
             catch
             {
-                ev.Dispose();
-                // Without an event nothing says when the queued copies end: wait for them here, so the caller may
-                // let go of their host memory when this throws.
+                ev?.Dispose();
+                // Without an event (or with the queue shut down) nothing says when the queued copies end: wait for them
+                // here, so the caller may let go of their host memory when this throws.
                 try
                 {
                     Stream.Synchronize();
                 }
-                catch (CudaException)
+                catch (Exception ex) when (ex is CudaException or ObjectDisposedException)
                 {
-                    // The stream failed as well; its copies have stopped.
+                    // The stream failed or is gone; its copies have stopped.
                 }
 
                 throw;
             }
-
-            _pending.Add((ev, done));
         }
 
         return done.Task;

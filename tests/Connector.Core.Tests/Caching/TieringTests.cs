@@ -61,6 +61,7 @@ public sealed class TieringTests : IDisposable
         LookupResult answer = WaitForReady(cache, "a2", a);
         Assert.Equal(8, answer.HitChunks);
         Assert.NotEqual(0UL, answer.LeaseId);
+        Assert.Equal(0, cache.ActivePromotions); // collected by the lookup that found everything in L1, pins released
 
         byte[] expected = Snapshot(0, 8 * BlocksPerChunk);
         Assert.Equal(8, cache.Load(reg, "a2", null, ChunkSource.FromTokens(a), 0, 8, Blocks(200 - (8 * BlocksPerChunk), 8), CopyDeadline.None));
@@ -99,6 +100,9 @@ public sealed class TieringTests : IDisposable
         Assert.Equal(LookupOutcome.Pending, cache.Lookup(1, "i", "u", null, unseen, lease: true).State);
         LookupResult answer = WaitForReady(cache, "u", unseen);
         Assert.Equal(0, answer.HitChunks);
+        // Asked again (vLLM re-asks a request it could not schedule): the settled outcome stands, no new promotion.
+        Assert.Equal(LookupOutcome.Ready, cache.Lookup(1, "i", "u", null, unseen, lease: true).State);
+        Assert.Equal(1, cache.PromotionCounts.Started);
         Assert.Equal(4, cache.Lookup(1, "i", "a2", null, a, lease: false).HitChunks);
     }
 

@@ -145,7 +145,8 @@ public sealed partial class KvCacheService
             }
 
             int submitted = ParallelCopier.SubmitInOrder(transfer, copy.Indices, copy.Addresses, copy.Count, memory, copy.IsLoad, chunkBytes, maxOps, deadline, out Exception? failure);
-            ValueTask done = submitted > 0 ? memory.Completion(copy.IsLoad ? CopyDirection.HostToEngine : CopyDirection.EngineToHost) : ValueTask.CompletedTask;
+            // A failed submission may have queued part of its chunk's copies: wait for those too before the slabs go.
+            ValueTask done = submitted > 0 || failure is not null ? memory.Completion(copy.IsLoad ? CopyDirection.HostToEngine : CopyDirection.EngineToHost) : ValueTask.CompletedTask;
             owned = false;
             return Complete(copy, submitted, failure, done, deadline, finish);
         }

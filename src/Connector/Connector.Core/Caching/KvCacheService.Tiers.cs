@@ -27,7 +27,11 @@ public sealed partial class KvCacheService
 {
     private readonly TierChain? _chain;
     private readonly TieringOptions _tiering;
+    /// <summary>How long a finished promotion's outcome stops the same request from being promoted again (10 s).</summary>
+    private const long SettledForNs = 10_000_000_000;
+
     private readonly ConcurrentDictionary<(string Instance, string Request), Promotion> _promotions = new();
+    private readonly ConcurrentDictionary<(string Instance, string Request), (int Hit, long AtNs)> _settled = new();
     private long _promotionsStarted;
     private long _promotionsSkipped;
 
@@ -60,9 +64,30 @@ public sealed partial class KvCacheService
             {
                 running.Cancel();
                 finished = running;
+                // Remembered so that asking again (vLLM re-asks a request it could not schedule) does not promote
+                // again, while what L1 holds of the prompt stays the same.
+                if (_settled.Count < 16 * _tiering.MaxPromotions)
+                {
+                    _settled[id] = (hit, MonotonicClock.NowNs);
+                }
             }
 
             return false;
+        }
+
+        if (hit >= wanted)
+        {
+            return false;
+        }
+
+        if (_settled.TryGetValue(id, out (int Hit, long AtNs) settled))
+        {
+            if (settled.Hit == hit && MonotonicClock.NowNs - settled.AtNs < SettledForNs)
+            {
+                return false;
+            }
+
+            _settled.TryRemove(id, out _);
         }
 
         // Is there anything below L1 worth waiting for? Local indexes answer now; a remote tier can only be asked.
@@ -246,9 +271,18 @@ public sealed partial class KvCacheService
         }
     }
 
-    /// <summary>Ends promotions nobody came back for, releasing their pins.</summary>
+    /// <summary>Ends promotions nobody came back for, releasing their pins, and forgets old outcomes.</summary>
     private void SweepPromotions()
     {
+        long now = MonotonicClock.NowNs;
+        foreach (KeyValuePair<(string, string), (int Hit, long AtNs)> entry in _settled)
+        {
+            if (now - entry.Value.AtNs >= SettledForNs)
+            {
+                _settled.TryRemove(entry);
+            }
+        }
+
         foreach (KeyValuePair<(string, string), Promotion> entry in _promotions)
         {
             if (entry.Value.IsExpired(2 * _tiering.PromotionTimeout) && _promotions.TryRemove(entry))

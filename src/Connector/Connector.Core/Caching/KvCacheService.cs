@@ -244,7 +244,7 @@ public sealed partial class KvCacheService : IDisposable
                 hit = Math.Min(hit, rankHits[r]);
             }
 
-            if (tiers && hit < wanted && WaitForPromotion(instanceId, requestId, cacheSalt, ranks, keys, wanted, rankHits, hit, out promoted))
+            if (tiers && WaitForPromotion(instanceId, requestId, cacheSalt, ranks, keys, wanted, rankHits, hit, out promoted))
             {
                 // Lower tiers hold more of the prompt and it is on its way into L1: vLLM asks again next step.
                 return new LookupResult(0, 0, 0, LookupOutcome.Pending);

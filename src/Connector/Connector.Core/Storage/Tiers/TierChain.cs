@@ -28,6 +28,7 @@ public sealed class TierChain : IEvictionSink, IDisposable
     private readonly long[] _demoted;
     private readonly long[] _promoted;
     private readonly long[] _promotionFailures;
+    private readonly long[] _offerFailures;
 
     /// <summary>Creates the chain over <paramref name="slots"/>, hot to cold.</summary>
     public TierChain(IReadOnlyList<TierSlot> slots)
@@ -38,6 +39,7 @@ public sealed class TierChain : IEvictionSink, IDisposable
         _demoted = new long[_slots.Length];
         _promoted = new long[_slots.Length];
         _promotionFailures = new long[_slots.Length];
+        _offerFailures = new long[_slots.Length];
     }
 
     /// <summary>The tiers, hot to cold.</summary>
@@ -48,7 +50,7 @@ public sealed class TierChain : IEvictionSink, IDisposable
     {
         for (int i = 0; i < _slots.Length; i++)
         {
-            if (_slots[i].Policy == TierWritePolicy.WriteThrough && _slots[i].Tier.Offer(key, data) == TierWriteStatus.Accepted)
+            if (_slots[i].Policy == TierWritePolicy.WriteThrough && TryOffer(i, key, data) == TierWriteStatus.Accepted)
             {
                 Interlocked.Increment(ref _offered[i]);
             }
@@ -61,13 +63,32 @@ public sealed class TierChain : IEvictionSink, IDisposable
         var tierKey = new TierKey(key, parent, namespaceTag, data.Length);
         for (int i = 0; i < _slots.Length; i++)
         {
-            // Write-through tiers were offered the chunk at store; one that did not admit it then (first sight)
-            // sees it again here, which is the second sighting frequency admission waits for.
-            TierWriteStatus status = _slots[i].Tier.Offer(tierKey, data);
-            if (status == TierWriteStatus.Accepted)
+            // A write-through tier with a local index (disk) was offered the chunk at store; one that did not admit it
+            // then (first sight) sees it again here, the second sighting frequency admission waits for. A remote
+            // write-through tier had it at store and cannot tell cheaply whether it kept it: it is not sent again.
+            if (_slots[i].Policy == TierWritePolicy.WriteThrough && !_slots[i].Tier.HasLocalIndex)
+            {
+                continue;
+            }
+
+            if (TryOffer(i, tierKey, data) == TierWriteStatus.Accepted)
             {
                 Interlocked.Increment(ref _demoted[i]);
             }
+        }
+    }
+
+    /// <summary>Offers a chunk to one tier; a tier that throws (it should not) loses the chunk, never the caller's store or eviction.</summary>
+    private TierWriteStatus TryOffer(int index, in TierKey key, ReadOnlySpan<byte> data)
+    {
+        try
+        {
+            return _slots[index].Tier.Offer(key, data);
+        }
+        catch (Exception ex) when (ex is not StackOverflowException)
+        {
+            Interlocked.Increment(ref _offerFailures[index]);
+            return TierWriteStatus.Unavailable;
         }
     }
 
@@ -80,7 +101,9 @@ public sealed class TierChain : IEvictionSink, IDisposable
         var stats = new TierChainStats[_slots.Length];
         for (int i = 0; i < _slots.Length; i++)
         {
-            stats[i] = new TierChainStats(_slots[i].Tier.GetStats(), _slots[i].Policy, Interlocked.Read(ref _offered[i]), Interlocked.Read(ref _demoted[i]),
+            TierStats tier = _slots[i].Tier.GetStats();
+            tier = tier with { Errors = tier.Errors + Interlocked.Read(ref _offerFailures[i]) };
+            stats[i] = new TierChainStats(tier, _slots[i].Policy, Interlocked.Read(ref _offered[i]), Interlocked.Read(ref _demoted[i]),
                 Interlocked.Read(ref _promoted[i]), Interlocked.Read(ref _promotionFailures[i]));
         }
 
