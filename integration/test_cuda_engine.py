@@ -11,10 +11,7 @@ import pytest
 from fake_engine import api as fake_api
 from fake_engine.engine import EngineOptions, FakeEngine, SidecarProcess
 from fake_engine.model import remove_device_memory
-from fake_engine.sidecar import NOT_BUILT, SidecarStartError, sidecar_bin
-
-from csharp_kv import protocol as p
-from csharp_kv.client import SidecarClient
+from fake_engine.sidecar import NOT_BUILT, SidecarStartError, read_stats, sidecar_bin
 
 
 @pytest.fixture
@@ -26,13 +23,6 @@ def gpu_sidecar(cuda_double):
     s.stop()
 
 
-def stats(socket_path):
-    c = SidecarClient(socket_path, "stats-probe", "client")
-    try:
-        assert c.ensure_connected(wait=5)
-        return dict(zip(p.STATS_FIELDS, c.call(p.Opcode.STATS).fields)), c.server_capabilities
-    finally:
-        c.close()
 
 
 def prompt(n, seed):
@@ -58,7 +48,7 @@ def test_gpu_engine_cold_then_warm_loads_exact_bytes_with_one_open_per_allocatio
     e = FakeEngine(gpu_sidecar.socket_path, EngineOptions(api=api, era=era, num_layers=layers, kv_memory=cuda_double,
                                                           extra_config={"async_load": async_load}))
     try:
-        s, caps = stats(gpu_sidecar.socket_path)
+        s, caps = read_stats(gpu_sidecar.socket_path)
         assert "cuda-ipc" in caps
         allocations = 1 if era == "shared_views" else layers
         assert s["gpu_handle_opens"] == allocations and s["gpu_mappings"] == allocations
@@ -69,7 +59,7 @@ def test_gpu_engine_cold_then_warm_loads_exact_bytes_with_one_open_per_allocatio
         assert e.scheduler.external_tokens == 256
         w = e.worker_stats()[0]
         assert w["loaded_chunks"] == 4 and w["load_errors"] == 0 and w["store_errors"] == 0
-        s, _ = stats(gpu_sidecar.socket_path)
+        s, _ = read_stats(gpu_sidecar.socket_path)
         assert s["gpu_handle_opens"] == allocations, "an IPC handle was opened on the hot path"
         assert s["pinned_bytes"] > 0 and s["copy_errors"] == 0
     finally:
@@ -79,9 +69,9 @@ def test_gpu_engine_cold_then_warm_loads_exact_bytes_with_one_open_per_allocatio
         remove_device_memory(pids)
     # The engine is gone: its mappings are closed (an open mapping would pin its GPU memory).
     deadline = time.monotonic() + 10
-    while stats(gpu_sidecar.socket_path)[0]["gpu_mappings"] != 0 and time.monotonic() < deadline:
+    while read_stats(gpu_sidecar.socket_path)[0]["gpu_mappings"] != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert stats(gpu_sidecar.socket_path)[0]["gpu_mappings"] == 0
+    assert read_stats(gpu_sidecar.socket_path)[0]["gpu_mappings"] == 0
 
 
 def test_vmm_kv_cache_is_refused_naming_the_option_and_the_engine_runs_uncached(monkeypatch):
@@ -108,7 +98,7 @@ def test_sidecar_without_a_driver_serves_host_memory_only():
         pytest.skip(NOT_BUILT)
     s = SidecarProcess(extra_args=["--Sidecar:CudaDriverLibrary=/nonexistent/libcuda.so.1"])
     try:
-        _, caps = stats(s.socket_path)
+        _, caps = read_stats(s.socket_path)
         assert caps == ("host-memory",)
         assert "host memory only" in s.log()
     finally:

@@ -13,10 +13,7 @@ import pytest
 
 from fake_engine import api as fake_api
 from fake_engine.engine import EngineOptions, FakeEngine, SidecarProcess
-from fake_engine.sidecar import NOT_BUILT, sidecar_bin
-
-from csharp_kv import protocol as p
-from csharp_kv.client import SidecarClient
+from fake_engine.sidecar import NOT_BUILT, read_stats, sidecar_bin
 
 # 4 layers x (K, V) x 4 heads x 32 dims x 2 bytes = 2 KiB per token: a 64-token chunk is 128 KiB, and a 2 MiB L1
 # holds 8 of them (one 1 MiB extent), so a few prompts push the first one out of memory.
@@ -40,14 +37,7 @@ def run(engine, req_id, tokens, salt=None):
 
 
 def stats(socket_path):
-    c = SidecarClient(socket_path, "stats-probe", "client")
-    try:
-        assert c.ensure_connected(wait=5)
-        s = dict(zip(p.STATS_FIELDS, c.call(p.Opcode.STATS).fields))
-        s["tiers"] = [dict(zip(p.TIER_STATS_FIELDS, t)) for t in (s.get("tiers") or [])]
-        return s
-    finally:
-        c.close()
+    return read_stats(socket_path)[0]
 
 
 def wait_for(condition, what, seconds=20):

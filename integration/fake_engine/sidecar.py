@@ -140,3 +140,22 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def read_stats(socket_path: str) -> tuple:
+    """(STATS by field name, with each tier's counters by name; the server's HELLO capabilities) of a running sidecar."""
+    from csharp_kv import protocol as p
+    from csharp_kv.client import SidecarClient
+
+    c = SidecarClient(socket_path, "stats-probe", "client")
+    try:
+        if not c.ensure_connected(wait=5):
+            raise ConnectionError(f"no sidecar answers on {socket_path}")
+        reply = c.call(p.Opcode.STATS)
+        if not reply.ok:
+            raise ConnectionError(f"STATS failed: {reply.error}")
+        stats = dict(zip(p.STATS_FIELDS, reply.fields))
+        stats["tiers"] = [dict(zip(p.TIER_STATS_FIELDS, t)) for t in (stats.get("tiers") or [])]
+        return stats, c.server_capabilities
+    finally:
+        c.close()

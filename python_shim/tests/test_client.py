@@ -4,8 +4,6 @@ A small sidecar stand-in on a real Unix socket controls exactly when HELLO is an
 requests are read, so each property is checked by what the client does while the stand-in holds back,
 not by timing."""
 
-import os
-import socket
 import threading
 import time
 
@@ -13,73 +11,9 @@ import pytest
 
 from csharp_kv import protocol as p
 from csharp_kv.client import UNAVAILABLE, SidecarClient
+from stand_in import StandIn
 
 WATCHDOG = 10.0  # seconds: only a guard against a hang, never a performance bound
-
-
-class StandIn:
-    """Accepts connections; answers HELLO once ``hello`` is set; answers PING/STORE with an empty reply while
-    ``reading`` is set, and stops reading from its sockets when it is cleared."""
-
-    def __init__(self, path):
-        self.path = path
-        self.hello = threading.Event()
-        self.reading = threading.Event()
-        self.reading.set()
-        self.connections = 0
-        self.requests = []
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(path)
-        self._server.listen(8)
-        self._socks = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._socks.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        buf = b""
-        try:
-            while True:
-                self.reading.wait()
-                data = conn.recv(1 << 16)
-                if not data:
-                    return
-                buf += data
-                while len(buf) >= p.HEADER_SIZE:
-                    h = p.decode_header(buf)
-                    if len(buf) < p.HEADER_SIZE + h.body_length:
-                        break
-                    buf = buf[p.HEADER_SIZE + h.body_length:]
-                    if h.opcode == p.Opcode.HELLO:
-                        self.hello.wait()
-                        fields = [1, "stand-in", [], 64 << 20, 1, os.getpid()]
-                    else:
-                        self.requests.append(h.opcode)
-                        fields = [0, 0, 0] if h.opcode == p.Opcode.STORE else []
-                    conn.sendall(p.encode_frame(h.opcode, h.request_id, fields, flags=p.FLAG_REPLY))
-        except OSError:
-            return
-
-    def drop_all(self):
-        for s in self._socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        self._socks.clear()
-
-    def close(self):
-        self._server.close()
-        self.drop_all()
 
 
 @pytest.fixture

@@ -2,66 +2,19 @@
 the scheduler gives the request a miss once lookup_timeout_ms has passed since the first ask: a stuck promotion
 never holds a request back."""
 
-import os
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
 from csharp_kv import protocol as p
 from csharp_kv.config import ShimConfig
 from csharp_kv.vllm.scheduler import SchedulerSide
-
-
-class PendingSidecar:
-    """Answers HELLO, and every LOOKUP with state Pending; counts the lookups."""
-
-    def __init__(self, path):
-        self.lookups = 0
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(path)
-        self.server.listen(4)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        buf = b""
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            buf += data
-            while len(buf) >= p.HEADER_SIZE:
-                h = p.decode_header(buf)
-                if len(buf) < p.HEADER_SIZE + h.body_length:
-                    break
-                buf = buf[p.HEADER_SIZE + h.body_length:]
-                if h.opcode == p.Opcode.HELLO:
-                    fields = [1, "test", ["host-memory"], 1 << 20, 1, os.getpid()]
-                elif h.opcode == p.Opcode.LOOKUP:
-                    self.lookups += 1
-                    fields = [0, 0, 0, int(p.LookupState.PENDING)]
-                else:
-                    fields = []
-                conn.sendall(p.encode_frame(h.opcode, h.request_id, fields, flags=p.FLAG_REPLY))
-
-    def close(self):
-        self.server.close()
+from stand_in import StandIn
 
 
 def test_endless_pending_turns_into_a_miss_after_lookup_timeout(tmp_path):
     path = str(tmp_path / "s.sock")
-    sidecar = PendingSidecar(path)
+    sidecar = StandIn(path, replies={p.Opcode.LOOKUP: [0, 0, 0, int(p.LookupState.PENDING)]})
+    sidecar.hello.set()
     cfg = ShimConfig.from_extra_config({"socket_path": path, "chunk_tokens": 32, "lookup_timeout_ms": 300,
                                         "lookup_wait_ms": 50}, 16)
     side = SchedulerSide(cfg, "engine", 16)
@@ -78,7 +31,7 @@ def test_endless_pending_turns_into_a_miss_after_lookup_timeout(tmp_path):
             time.sleep(0.02)
         assert answers[0] == (None, False)  # "not yet" while pending
         assert answers[-1] == (0, False)  # then a miss: the request is computed
-        assert sidecar.lookups >= 2  # it was asked again
+        assert sidecar.requests.count(p.Opcode.LOOKUP) >= 2  # it was asked again
         assert side.stats["lookup_timeouts"] == 1
     finally:
         side.client.close()
